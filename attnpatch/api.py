@@ -1,0 +1,124 @@
+"""Public API: apply(), patched(), remove(), available_methods(), and the Patch handle."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from .integrations.transformers import ForwardContext, TransformersIntegration
+from .methods.base import METHODS, Method
+
+_PATCH = "_attnpatch_patch"
+
+
+class Patch:
+    """An active patch on one model. State (per-sequence statistics) lives here, never on classes or in globals."""
+
+    def __init__(self, model: nn.Module, method: Method, integration: TransformersIntegration):
+        self.model = model
+        self.method = method
+        self.integration = integration
+        self.selected_layers = frozenset(method.layers())
+        self.context: ForwardContext | None = None
+        self.active = False
+
+    @property
+    def config(self) -> Any:
+        return self.method.config
+
+    def _attach(self) -> None:
+        self.integration.attach(self)
+        self.model.__dict__[_PATCH] = self
+        self.active = True
+
+    def remove(self) -> None:
+        """Restore the model's own attention; outputs are then bit-identical to before `apply`. Idempotent."""
+        if not self.active:
+            return
+        self.integration.detach()
+        self.model.__dict__.pop(_PATCH, None)
+        self.method.reset()
+        self.context = None
+        self.active = False
+
+    def reset(self) -> None:
+        """Forget per-sequence state, e.g. before reusing a KV cache for an unrelated sequence."""
+        self.method.reset()
+
+    def describe(self) -> str:
+        layers = sorted(self.selected_layers)
+        span = f"layers {layers[0]}..{layers[-1]} ({len(layers)})" if layers else "no layers"
+        state = "active" if self.active else "removed"
+        return f"{type(self.model).__name__} <- {self.method.describe()}; {span}; {state}"
+
+    def __repr__(self) -> str:
+        return f"Patch({self.describe()})"
+
+    def __enter__(self) -> Patch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def available_methods() -> list[str]:
+    """Names accepted by `apply`."""
+    return sorted(METHODS)
+
+
+def get_patch(model: nn.Module) -> Patch | None:
+    """The active Patch of `model`, if any."""
+    return model.__dict__.get(_PATCH)
+
+
+def _make_config(method: str, options: dict[str, Any]) -> Any:
+    cls = METHODS[method].config_class
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {sorted(names)}")
+    return cls(**options)
+
+
+def apply(model: nn.Module, method: str, **options: Any) -> Patch:
+    """Patch `model`'s attention with `method` ("act", ...) and return the Patch; `patch.remove()` undoes it.
+
+    A model carries at most one patch: applying again raises until the first one is removed (`attnpatch.remove`).
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available methods: {available_methods()}")
+    existing = get_patch(model)
+    if existing is not None:
+        raise RuntimeError(
+            f"{type(model).__name__} is already patched ({existing.method.name}); call patch.remove() or "
+            "attnpatch.remove(model) first, or use `with attnpatch.patched(model, ...)`"
+        )
+    config = _make_config(method, options)
+    integration = TransformersIntegration(model)
+    method_obj = METHODS[method](config, integration.num_layers, integration.num_heads)
+    patch = Patch(model, method_obj, integration)
+    patch._attach()
+    return patch
+
+
+def remove(model: nn.Module) -> bool:
+    """Remove the active patch of `model`; returns False when there was none."""
+    patch = get_patch(model)
+    if patch is None:
+        return False
+    patch.remove()
+    return True
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, method: str, **options: Any) -> Iterator[Patch]:
+    """`with attnpatch.patched(model, "act", beta=0.4) as patch:` ... the model is restored on exit."""
+    patch = apply(model, method, **options)
+    try:
+        yield patch
+    finally:
+        patch.remove()

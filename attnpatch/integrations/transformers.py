@@ -1,0 +1,271 @@
+"""How attnpatch reaches the attention of a transformers model: the AttentionInterface registry.
+
+apply: remember the model's attention implementation (the base), register one dispatch function per base under
+`attnpatch_<base>` in AttentionInterface together with the base's own mask function in AttentionMaskInterface (without
+it, transformers hands the function attention_mask=None and padded batches go silently wrong), bind each attention
+module to its Patch, and switch the model to that name. Layers a method does not select go to the captured base
+function untouched. A forward pre-hook on the backbone records what a call cannot see on its own: how many tokens
+the KV cache held before this forward and the 2-D padding mask. remove: switch back, drop hooks and bindings.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..methods.base import AttentionCall
+
+if TYPE_CHECKING:
+    from ..api import Patch
+
+NAME_PREFIX = "attnpatch_"
+SUPPORTED_BASES = ("sdpa", "eager")
+_BINDING = "_attnpatch_binding"
+
+
+class UnsupportedModelError(TypeError):
+    """The model's attention cannot be reached through the transformers registry."""
+
+
+def _unsupported(model: Any, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"attnpatch cannot patch {type(model).__name__}: {why}. Supported: transformers PreTrainedModel classes "
+        "whose attention dispatches through AttentionInterface (Llama, Mistral, Qwen2, Qwen3, Gemma 3, BERT and "
+        "most decoder/encoder families of transformers >= 4.56), loaded with attn_implementation 'sdpa' or 'eager'."
+    )
+
+
+@functools.cache
+def _dispatches_through_registry(cls: type) -> bool:
+    """True when the class's forward calls the AttentionInterface (the module transformers passes to the function)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source or "attention_interface" in source
+
+
+def attention_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer index, module) of every attention module that calls the registry, in layer order."""
+    found = [m for m in model.modules() if _dispatches_through_registry(type(m))]
+    indexed = []
+    for position, module in enumerate(found):
+        layer = getattr(module, "layer_idx", None)
+        indexed.append((layer if isinstance(layer, int) else position, module))
+    if len({layer for layer, _ in indexed}) != len(indexed):  # several stacks (e.g. encoder-decoder): number them
+        indexed = list(enumerate(found))
+    return sorted(indexed, key=lambda item: item[0])
+
+
+def _num_query_heads(module: nn.Module) -> int:
+    config = getattr(module, "config", None)
+    for value in (
+        getattr(config, "num_attention_heads", None),
+        getattr(module, "num_attention_heads", None),
+        getattr(module, "num_heads", None),
+    ):
+        if isinstance(value, int):
+            return value
+    raise UnsupportedModelError(f"cannot read the number of heads of {type(module).__name__}")
+
+
+def _base_function(module: nn.Module, base: str) -> Callable:
+    """The attention function the model would call with implementation `base`."""
+    if base == "eager":
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise UnsupportedModelError(
+                f"attnpatch cannot find the eager attention function of {type(module).__name__}; load the model with "
+                "attn_implementation='sdpa'"
+            )
+        return fn
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+@dataclass
+class ForwardContext:
+    """What the backbone's forward was called with: tokens already in the cache and the 2-D padding mask."""
+
+    past_length: int = 0
+    attention_mask: torch.Tensor | None = None
+    cache_kind: str = "none"
+
+
+@dataclass
+class Binding:
+    patch: Patch
+    layer: int
+    base_fn: Callable
+
+
+def _make_dispatch(base_name: str) -> Callable:
+    """The function registered as `attnpatch_<base>`: route one attention call to its Patch's method."""
+
+    def attnpatch_attention(module, query, key, value, attention_mask, **kwargs):
+        binding: Binding | None = module.__dict__.get(_BINDING)
+        if binding is None:  # a module switched to our name without a patch: behave like the base
+            return _base_function(module, base_name)(module, query, key, value, attention_mask, **kwargs)
+
+        def base():
+            return binding.base_fn(module, query, key, value, attention_mask, **kwargs)
+
+        if binding.layer not in binding.patch.selected_layers:
+            return base()
+        call = _make_call(binding, module, query, key, value, attention_mask, kwargs, base)
+        result = binding.patch.method.attend(call)
+        return base() if result is None else result
+
+    return attnpatch_attention
+
+
+def _make_call(binding, module, query, key, value, mask, kwargs, base) -> AttentionCall:
+    ctx: ForwardContext = binding.patch.context or ForwardContext()
+    batch, _, lq, head_dim = query.shape
+    lk = key.shape[2]
+    past = ctx.past_length
+    key_offset = past + lq - lk if lk <= past + lq else 0
+    query_valid = None
+    pad = ctx.attention_mask
+    if pad is not None and pad.dim() == 2 and pad.shape == (batch, past + lq):
+        query_valid = pad[:, past:].to(device=query.device, dtype=torch.bool)
+    scale = kwargs.get("scaling")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attnpatch: learned attention-sink logits (s_aux, gpt-oss) are not supported yet")
+    return AttentionCall(
+        layer=binding.layer,
+        query=query,
+        key=key,
+        value=value,
+        mask=mask,
+        scale=float(scale) if scale is not None else head_dim**-0.5,
+        causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))),
+        base=base,
+        dropout=float(kwargs.get("dropout", 0.0) or 0.0),
+        sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"),
+        past_length=past,
+        key_offset=key_offset,
+        query_valid=query_valid,
+        output_attentions=bool(kwargs.get("output_attentions", False)),
+        cache_kind=ctx.cache_kind if past > 0 else "none",
+    )
+
+
+def _cache_kind(cache: Any) -> str:
+    if cache is None:
+        return "none"
+    from transformers.cache_utils import DynamicCache
+
+    inner = getattr(cache, "self_attention_cache", cache)
+    return "dynamic" if isinstance(inner, DynamicCache) else "other"
+
+
+class TransformersIntegration:
+    """Attach a Patch to a transformers model through the attention registry; `detach` undoes every change."""
+
+    def __init__(self, model: nn.Module):
+        try:
+            from transformers import PreTrainedModel
+        except ImportError as exc:  # pragma: no cover - transformers is a core dependency
+            raise _unsupported(model, "transformers is not installed") from exc
+        if not isinstance(model, PreTrainedModel):
+            raise _unsupported(model, "it is not a transformers PreTrainedModel")
+        self.model = model
+        self.modules = attention_modules(model)
+        if not self.modules:
+            raise _unsupported(model, "none of its modules calls the AttentionInterface")
+        if hasattr(type(model), "_can_set_attn_implementation") and not model._can_set_attn_implementation():
+            raise _unsupported(model, "its class does not allow switching the attention implementation")
+        self.configs = self._configs_of_modules()
+        bases = {cfg._attn_implementation for cfg in self.configs}
+        unsupported = bases - set(SUPPORTED_BASES)
+        if unsupported:
+            raise _unsupported(
+                model,
+                f"it runs attention implementation {sorted(unsupported)}; call "
+                "model.set_attn_implementation('sdpa') first",
+            )
+        self.base_by_config = {id(cfg): cfg._attn_implementation for cfg in self.configs}
+        self._handles: list[Any] = []
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.modules)
+
+    @property
+    def num_heads(self) -> list[int]:
+        return [_num_query_heads(module) for _, module in self.modules]
+
+    def _configs_of_modules(self) -> list[Any]:
+        configs: dict[int, Any] = {}
+        for _, module in self.modules:
+            cfg = getattr(module, "config", None) or self.model.config
+            configs[id(cfg)] = cfg
+        return list(configs.values())
+
+    def _set_implementation(self, name_for: Callable[[str], str]) -> None:
+        """Switch every config that owns a patched module; other sub-models (e.g. a vision tower) stay as they are."""
+        model_cfg = self.model.config
+        if any(cfg is model_cfg for cfg in self.configs) or not getattr(model_cfg, "sub_configs", None):
+            self.model.set_attn_implementation(name_for(model_cfg._attn_implementation))
+            return
+        wanted = {}
+        for key in model_cfg.sub_configs:
+            sub = getattr(model_cfg, key, None)
+            if any(sub is cfg for cfg in self.configs):
+                wanted[key] = name_for(sub._attn_implementation)
+        self.model.set_attn_implementation(wanted)
+
+    def attach(self, patch: Patch) -> None:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        for base in set(self.base_by_config.values()):
+            AttentionInterface.register(NAME_PREFIX + base, _make_dispatch(base))
+            AttentionMaskInterface.register(NAME_PREFIX + base, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        for layer, module in self.modules:
+            cfg = getattr(module, "config", None) or self.model.config
+            base_fn = _base_function(module, self.base_by_config[id(cfg)])
+            module.__dict__[_BINDING] = Binding(patch=patch, layer=layer, base_fn=base_fn)
+        backbone = getattr(self.model, "base_model", self.model)
+        signature = inspect.signature(backbone.forward)
+
+        def record_context(_module, args, kwargs):
+            try:
+                bound = signature.bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                bound = kwargs
+            cache = bound.get("cache", bound.get("past_key_values"))
+            past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+            mask = bound.get("attention_mask")
+            patch.context = ForwardContext(
+                past_length=past,
+                attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+                cache_kind=_cache_kind(cache),
+            )
+            if past == 0:
+                patch.method.reset()
+
+        def clear_context(_module, _args, _output):
+            patch.context = None
+
+        self._handles.append(backbone.register_forward_pre_hook(record_context, with_kwargs=True))
+        self._handles.append(backbone.register_forward_hook(clear_context))
+        self._set_implementation(lambda base: NAME_PREFIX + base)
+
+    def detach(self) -> None:
+        self._set_implementation(lambda name: name.removeprefix(NAME_PREFIX))
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for _, module in self.modules:
+            module.__dict__.pop(_BINDING, None)

@@ -1,0 +1,73 @@
+"""What every method sees: one attention call, independent of the model family it comes from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class AttentionCall:
+    """One call of a patched attention layer, as the integration hands it to a method.
+
+    query [B, Hq, Lq, D]; key, value [B, Hkv, Lk, D] (keys already include the KV cache); mask: the base backend's
+    4-D mask (bool, True = visible, or additive float) or None for the causal/sliding rule. `past_length` is the
+    number of tokens the cache held before this call; this call's keys sit at absolute positions
+    [key_offset, key_offset + Lk). `query_valid` [B, Lq] marks real (non-pad) query rows when known.
+    `base` computes the unpatched attention for the same call (returns [B, Lq, Hq, D] and optional weights).
+    """
+
+    layer: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    scale: float
+    causal: bool
+    base: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+    dropout: float = 0.0
+    sliding_window: int | None = None
+    softcap: float | None = None
+    past_length: int = 0
+    key_offset: int = 0
+    query_valid: torch.Tensor | None = None
+    output_attentions: bool = False
+    cache_kind: str = "dynamic"  # "none", "dynamic" (keys in order), or "other" (static/offloaded/... caches)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """A named attention rule with a validated config; subclasses keep their per-sequence state on the instance."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any, num_layers: int, num_heads: list[int]):
+        self.config = config
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+
+    def layers(self) -> set[int]:
+        """Layers whose calls must reach `attend` (others go straight to the base function)."""
+        raise NotImplementedError
+
+    def attend(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Return (out [B, Lq, Hq, D], weights or None), or None to use the base function unchanged."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget per-sequence state (a new sequence starts)."""
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.config}"
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls

