@@ -1,0 +1,97 @@
+"""Tiny random models of each supported family, and a model with planted attention sinks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+VOCAB = 64
+SINK_TOKEN = 7  # token ids whose keys attract every query in `planted_sink_model`
+SINK_TOKEN_2 = 8
+
+
+def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """A small random model of `family` in fp32 eval mode (GQA where the family has it)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, vocab_size=VOCAB, pad_token_id=0)
+    decoder = dict(common, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    if family == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**decoder))
+    elif family == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**decoder, sliding_window=5))
+    elif family == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder))
+    elif family == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**decoder))
+    elif family == "gemma3":
+        layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**decoder, sliding_window=5, layer_types=layer_types))
+    elif family == "bert":
+        cfg = tf.BertConfig(**common, num_attention_heads=4, max_position_embeddings=128)
+        model = tf.BertModel(cfg, add_pooling_layer=False)
+    else:
+        raise ValueError(family)
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def planted_sink_model(attn_implementation: str = "sdpa", seed: int = 0, strength: float = 2.0):
+    """Tiny Llama in which every query attends strongly to tokens SINK_TOKEN and SINK_TOKEN_2, at any position and
+    layer.
+
+    A sink token's embedding carries a large component on hidden dimension 0; each k projection copies it into the
+    lowest-frequency rotary dimension (rotation is negligible there) and each q bias points along it, so sink keys
+    get logits ~ 2 * strength^2 * 8 / 4 above the others. V ignores dimension 0, so sinks carry distinct values.
+    Sinks are stable however many rows see them, which makes cached decoding comparable with full re-runs.
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=VOCAB,
+        attention_bias=True,
+        rope_theta=1e6,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        initializer_range=0.05,
+    )
+    model = tf.LlamaForCausalLM(cfg)
+    slot = cfg.head_dim // 2 - 1  # lowest rotary frequency
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 0.0
+        emb[[SINK_TOKEN, SINK_TOKEN_2], 0] = 10.0
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.k_proj.bias.zero_()
+            attn.v_proj.weight[:, 0] = 0.0
+            for kv in range(cfg.num_key_value_heads):
+                attn.k_proj.weight[kv * cfg.head_dim + slot] = 0.0
+                attn.k_proj.weight[kv * cfg.head_dim + slot, 0] = strength
+            for h in range(cfg.num_attention_heads):
+                attn.q_proj.bias[h * cfg.head_dim + slot] = strength * 2.0
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def left_padded_batch(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask for `rows`, left-padded with id 0."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
