@@ -72,6 +72,10 @@ class ACT(Method):
     def layers(self) -> set[int]:
         return set(self.heads)
 
+    def column_stats(self) -> dict[int, ColumnStats]:
+        """layer -> running column statistic of its selected heads (the heads of `self.heads[layer]`, in order)."""
+        return dict(self._history)
+
     def reset(self) -> None:
         self._history.clear()
         self._last_key.clear()

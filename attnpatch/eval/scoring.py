@@ -1,0 +1,181 @@
+"""Batched log-likelihood scoring of multiple-choice items with any causal LM and its tokenizer.
+
+Each item's context is tokenized once (with the tokenizer's own leading special tokens, e.g. BOS, but never trailing
+ones) and each option separately, and the ids are concatenated, so the continuation boundary is exact. Rows are right
+padded: real tokens keep their positions and never see a pad. Options whose input is a prefix of another option's input
+(e.g. single-token answers " no" / " yes") share one row. Rows are sorted by length, and only the logits of
+continuation positions are computed (`logits_to_keep`) and log-softmaxed where the model supports it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from .tasks import Item
+
+Normalize = Literal["chars", "tokens", "none"]
+
+
+@dataclass
+class _Target:
+    item: int
+    option: int
+    start: int  # position whose logits predict the first continuation token
+    tokens: list[int]
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    targets: list[_Target] = field(default_factory=list)
+
+
+def _special_prefix(with_special: list[int], plain: list[int]) -> list[int]:
+    """The tokens the tokenizer puts before the text (BOS, CLS, ...); trailing ones (EOS, SEP) are dropped."""
+    n = len(plain)
+    for k in range(len(with_special) - n + 1):
+        if with_special[k : k + n] == plain:
+            return with_special[:k]
+    return []
+
+
+def encode_context(tokenizer, text: str) -> list[int]:
+    """Ids of `text` with the leading special tokens the tokenizer adds by default."""
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = _special_prefix(tokenizer(text)["input_ids"], plain) + plain
+    if not ids:
+        raise ValueError("empty context and the tokenizer adds no BOS: the first option token has no prediction")
+    return ids
+
+
+def encode_option(tokenizer, text: str) -> list[int]:
+    """Ids of an option continuation, without special tokens."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"option {text!r} encodes to no tokens")
+    return ids
+
+
+def _item_rows(index: int, context: list[int], options: list[list[int]]) -> list[_Row]:
+    """Rows for one item; an option whose input is a prefix of a longer option's input reuses that row."""
+    rows: list[_Row] = []
+    for j in sorted(range(len(options)), key=lambda j: -len(options[j])):
+        seq = context + options[j][:-1]
+        target = _Target(index, j, len(context) - 1, options[j])
+        row = next((r for r in rows if r.ids[: len(seq)] == seq), None)
+        if row is None:
+            rows.append(_Row(seq, [target]))
+        else:
+            row.targets.append(target)
+    return rows
+
+
+def _build_rows(tokenizer, items: Sequence[Item]) -> tuple[list[_Row], list[list[int]]]:
+    """All rows, longest first, and the token count of every option."""
+    rows, n_tokens = [], []
+    for i, item in enumerate(items):
+        options = [encode_option(tokenizer, o) for o in item.options]
+        rows += _item_rows(i, encode_context(tokenizer, item.context), options)
+        n_tokens.append([len(o) for o in options])
+    rows.sort(key=lambda r: -len(r.ids))
+    return rows, n_tokens
+
+
+def _forward_kwargs(model) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def _batch_logprobs(model, rows: list[_Row], pad_id: int, accepted: set[str]) -> list[float]:
+    """Summed log-probs of every target of `rows`, in row then target order, from one padded forward."""
+    length = max(len(r.ids) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for b, row in enumerate(rows):
+        input_ids[b, : len(row.ids)] = torch.tensor(row.ids)
+        mask[b, : len(row.ids)] = 1
+    device, first = _device(model), min(t.start for r in rows for t in r.targets)
+    kwargs: dict = {"use_cache": False} if "use_cache" in accepted else {}
+    if "logits_to_keep" in accepted:
+        kwargs["logits_to_keep"] = length - first  # the last positions: right padding puts every target there
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+    if logits.shape[1] not in (length, length - first):
+        raise RuntimeError(f"model returned logits for {logits.shape[1]} positions, expected {length}")
+    offset = first if logits.shape[1] == length - first else 0
+    b_idx, p_idx, tokens, sizes = [], [], [], []
+    for b, row in enumerate(rows):
+        for t in row.targets:
+            b_idx += [b] * len(t.tokens)
+            p_idx += range(t.start - offset, t.start - offset + len(t.tokens))
+            tokens += t.tokens
+            sizes.append(len(t.tokens))
+    picked = logits[torch.tensor(b_idx, device=device), torch.tensor(p_idx, device=device)].float()
+    token_lp = picked.gather(-1, torch.tensor(tokens, device=device)[:, None]).squeeze(-1) - picked.logsumexp(-1)
+    return [float(s.sum()) for s in token_lp.split(sizes)]
+
+
+def _score(model, tokenizer, items: Sequence[Item], batch_size: int, progress: bool):
+    """(summed log-prob, token count) of every option of every item."""
+    rows, n_tokens = _build_rows(tokenizer, items)
+    logprobs = [[0.0] * len(item.options) for item in items]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    accepted = _forward_kwargs(model)
+    with torch.inference_mode(), tqdm(total=len(rows), desc="scoring", unit="seq", disable=not progress) as bar:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            values = iter(_batch_logprobs(model, batch, pad_id, accepted))
+            for row in batch:
+                for t in row.targets:
+                    logprobs[t.item][t.option] = next(values)
+            bar.update(len(batch))
+    return logprobs, n_tokens
+
+
+def option_logprobs(model, tokenizer, items: Sequence[Item], *, batch_size: int = 16, progress: bool = True):
+    """Summed log-probability of each option's tokens given the item's context: list (items) of lists (options).
+
+    The model should be in eval mode; `batch_size` counts padded sequences per forward.
+    """
+    return _score(model, tokenizer, items, batch_size, progress)[0]
+
+
+def choose(logprobs: Sequence[float], options: Sequence[str], n_tokens: Sequence[int], normalize: Normalize) -> int:
+    """Index of the best option: max log-prob, per character ("chars"), per token ("tokens") or raw ("none")."""
+    if normalize == "chars":
+        scores = [lp / max(len(o), 1) for lp, o in zip(logprobs, options, strict=True)]
+    elif normalize == "tokens":
+        scores = [lp / n for lp, n in zip(logprobs, n_tokens, strict=True)]
+    elif normalize == "none":
+        scores = list(logprobs)
+    else:
+        raise ValueError(f"normalize must be 'chars', 'tokens' or 'none', not {normalize!r}")
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
+def score_items(
+    model,
+    tokenizer,
+    items: Sequence[Item],
+    *,
+    batch_size: int = 16,
+    normalize: Normalize = "chars",
+    progress: bool = True,
+) -> list[int]:
+    """Predicted option index of every item (see `choose` for `normalize`)."""
+    if normalize not in ("chars", "tokens", "none"):
+        raise ValueError(f"normalize must be 'chars', 'tokens' or 'none', not {normalize!r}")
+    logprobs, n_tokens = _score(model, tokenizer, items, batch_size, progress)
+    return [choose(lp, it.options, n, normalize) for lp, n, it in zip(logprobs, n_tokens, items, strict=True)]
