@@ -1,0 +1,144 @@
+"""`attnpatch demo`: hidden sinks in Gemma-3 270M, ACT applied, an A/B on a real task, before/after attention maps."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .analysis import find_sinks
+from .api import apply, patched
+
+SAMPLE_PROMPT = (
+    "Question: Which gas do green plants take in from the air to make their food?\n"
+    "Answer: Plants take in carbon dioxide and give off oxygen."
+)
+
+
+def _tokens(tokenizer, ids: torch.Tensor) -> list[str]:
+    return [tokenizer.decode([int(i)]).replace("\n", "\\n") for i in ids]
+
+
+def print_sinks(model, tokenizer, prompt: str, *, threshold: float, layers: set[int], limit: int = 12) -> list:
+    """Print the hidden sinks (not the first sink) of `prompt` in `layers`; return all reports."""
+    enc = tokenizer(prompt, return_tensors="pt")
+    reports = find_sinks(model, enc.input_ids, enc.attention_mask, threshold=threshold)
+    tokens = _tokens(tokenizer, enc.input_ids[0])
+    hidden = sorted((r for r in reports if not r.first and r.layer in layers), key=lambda r: -r.column_mean)
+    first = {(r.layer, r.head): r.position for r in reports if r.first}
+    first_positions = sorted(set(first.values()))
+    print(
+        f"prompt: {len(tokens)} tokens; first sinks (kept by ACT) at positions {first_positions} "
+        f"({', '.join(repr(tokens[p]) for p in first_positions)})"
+    )
+    print(
+        f"hidden sinks (column mean > {threshold}) in layers {min(layers)}..{max(layers)}: {len(hidden)}; "
+        f"top {min(limit, len(hidden))}:"
+    )
+    print(f"  {'layer':>5} {'head':>4} {'pos':>4} {'token':<14} {'col.mean':>8} {'rows':>5}")
+    for r in hidden[:limit]:
+        print(f"  {r.layer:>5} {r.head:>4} {r.position:>4} {tokens[r.position]!r:<14} {r.column_mean:8.3f} {r.rows:>5}")
+    return reports
+
+
+def save_attention_png(model, tokenizer, prompt: str, layer: int, head: int, path: Path, **act_options) -> None:
+    """One head's attention map before and after calibration, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    enc = tokenizer(prompt, return_tensors="pt")
+    maps = {}
+    for label, beta in (("before", 1.0), ("after ACT", act_options.get("beta", 0.4))):
+        options = {**act_options, "beta": beta, "heads": {layer: [head]}}
+        with torch.inference_mode(), patched(model, "act", **options):
+            out = model(**enc, output_attentions=True)
+        maps[label] = out.attentions[layer][0, head].float().clamp_min(1e-4).numpy()
+    tokens = _tokens(tokenizer, enc.input_ids[0])
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5), constrained_layout=True)
+    for ax, (label, attn) in zip(axes, maps.items(), strict=True):
+        im = ax.imshow(attn, cmap="viridis", norm=LogNorm(vmin=1e-4, vmax=1.0))
+        ax.set_title(f"layer {layer}, head {head}: {label}")
+        ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(tokens)), tokens, fontsize=6)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="attention probability (log)")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def run_demo(
+    *,
+    task: str = "arc_easy",
+    limit: int = 100,
+    shots: int = 0,
+    batch_size: int = 16,
+    out_dir: str = "attnpatch-out",
+    beta: float = 0.4,
+    threshold: float = 0.1,
+    cache_dir: str | None = None,
+) -> dict:
+    from .eval import load_task, paired_comparison, score_items
+    from .models import load
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, tokenizer = load("gemma-3-270m", cache_dir=cache_dir)
+    print(
+        f"loaded gemma-3-270m in {time.perf_counter() - t0:.1f} s ({model.config.num_hidden_layers} layers, "
+        f"{model.config.num_attention_heads} heads, {model.config.num_key_value_heads} kv head)"
+    )
+    num_layers = model.config.num_hidden_layers
+    act_layers = set(range(2, num_layers - 1))
+
+    print("\n== where are the hidden sinks? (ACT's column statistic on a sample prompt)")
+    reports = print_sinks(model, tokenizer, SAMPLE_PROMPT, threshold=threshold, layers=act_layers)
+    hidden = [r for r in reports if not r.first and r.layer in act_layers]
+    png = None
+    if hidden:
+        top = max(hidden, key=lambda r: r.column_mean)
+        png = out / f"attention_layer{top.layer}_head{top.head}.png"
+        save_attention_png(model, tokenizer, SAMPLE_PROMPT, top.layer, top.head, png, beta=beta, threshold=threshold)
+
+    print(f"\n== A/B on {task} ({limit} items, {shots}-shot): unpatched vs ACT beta={beta} threshold={threshold}")
+    items = load_task(task, shots=shots, limit=limit)
+    labels = [it.label for it in items]
+    t0 = time.perf_counter()
+    base_pred = score_items(model, tokenizer, items, batch_size=batch_size)
+    base_s = time.perf_counter() - t0
+    patch = apply(model, "act", beta=beta, threshold=threshold)
+    t0 = time.perf_counter()
+    act_pred = score_items(model, tokenizer, items, batch_size=batch_size)
+    act_s = time.perf_counter() - t0
+    patch.remove()
+    base_ok = [int(p == y) for p, y in zip(base_pred, labels, strict=True)]
+    act_ok = [int(p == y) for p, y in zip(act_pred, labels, strict=True)]
+    cmp = paired_comparison(base_ok, act_ok)
+    summary = {
+        "model": "gemma-3-270m",
+        "task": task,
+        "items": len(items),
+        "shots": shots,
+        "act": {"beta": beta, "threshold": threshold, "layers": f"2..{num_layers - 2}", "heads": "all"},
+        "comparison": cmp,
+        "seconds": {"unpatched": round(base_s, 1), "act": round(act_s, 1)},
+        "hidden_sinks_on_sample": len(hidden),
+        "png": str(png) if png else None,
+    }
+    (out / "demo_results.json").write_text(json.dumps(summary, indent=2, default=float))
+    lo, hi = cmp["diff_ci"]
+    print(
+        f"accuracy unpatched {cmp['acc_a']:.3f}  ACT {cmp['acc_b']:.3f}  difference {cmp['diff']:+.3f} "
+        f"(95% CI {lo:+.3f}..{hi:+.3f}, McNemar p={cmp['p_mcnemar']:.3f}; "
+        f"{cmp['b_only']} items fixed, {cmp['a_only']} broken)"
+    )
+    print(f"time: unpatched {base_s:.0f} s, ACT {act_s:.0f} s")
+    print(f"\nfiles: {out / 'demo_results.json'}" + (f", {png}" if png else ""))
+    return summary

@@ -1,0 +1,142 @@
+"""CPU cost of ACT: end to end on Gemma-3 270M, and the op alone (chunked vs materialised like the authors' code).
+
+    python benchmarks/bench_act_cpu.py [--tokens 512] [--repeats 5] [--out benchmarks/results/act_cpu.json]
+
+Times are medians over `repeats` runs after one warm-up. Peak memory is the peak resident set of a fresh
+subprocess that runs only that configuration, minus the same process's resident set just before the measured call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _median_ms(fn, repeats: int) -> tuple[float, list[float]]:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times), times
+
+
+def e2e(config: str, tokens: int, repeats: int) -> dict:
+    """One end-to-end configuration: 'sdpa' (unpatched) or 'act' (defaults), full logits or last-token logits."""
+    import attnpatch
+    from attnpatch.eval import load_task
+    from attnpatch.models import load
+
+    model, tok = load("gemma-3-270m")
+    text = "\n\n".join(item.context for item in load_task("boolq", limit=40))  # real passages
+    ids = tok(text, return_tensors="pt").input_ids[:, :tokens]
+    assert ids.shape[1] == tokens, f"sample text has only {ids.shape[1]} tokens"
+    method, keep = config.split("/")
+    if method == "act":
+        attnpatch.apply(model, "act")
+    kwargs = {"logits_to_keep": 1} if keep == "last" else {}
+
+    def run():
+        with torch.inference_mode():
+            model(ids, **kwargs)
+
+    before = _rss_mb()
+    median, times = _median_ms(run, repeats)
+    return {
+        "config": config,
+        "tokens": tokens,
+        "median_ms": median,
+        "times_ms": times,
+        "peak_extra_mb": _peak_mb() - before,
+    }
+
+
+def op(config: str, tokens: int, repeats: int) -> dict:
+    """ACT on one Gemma-shaped layer (4 query heads, 1 kv head, head dim 256): chunked or one block."""
+    from attnpatch.kernels.act import act_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, tokens, 256), torch.randn(1, 1, tokens, 256), torch.randn(1, 1, tokens, 256)
+    block = 1 << 22 if config == "chunked" else 1 << 40
+
+    def run():
+        act_attention(q, k, v, scale=256**-0.5, beta=0.4, threshold=0.1, causal=True, block_elements=block)
+
+    if config == "sdpa":
+
+        def run():  # noqa: F811
+            torch.nn.functional.scaled_dot_product_attention(q, k.expand_as(q), v.expand_as(q), is_causal=True)
+
+    before = _rss_mb()
+    median, times = _median_ms(run, repeats)
+    return {
+        "config": config,
+        "tokens": tokens,
+        "median_ms": median,
+        "times_ms": times,
+        "peak_extra_mb": _peak_mb() - before,
+    }
+
+
+def _child(kind: str, config: str, tokens: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, config, "--tokens", str(tokens), "--repeats", str(repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--op-tokens", type=int, nargs="*", default=[1024, 4096])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/act_cpu.json")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "CONFIG"))
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.child:
+        kind, config = args.child
+        print(json.dumps((e2e if kind == "e2e" else op)(config, args.tokens, args.repeats)))
+        return
+
+    import transformers
+
+    results = {
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "e2e": [_child("e2e", c, args.tokens, args.repeats) for c in ("sdpa/all", "act/all", "sdpa/last", "act/last")],
+        "op": [_child("op", c, n, args.repeats) for n in args.op_tokens for c in ("sdpa", "chunked", "materialised")],
+    }
+    by = {r["config"]: r for r in results["e2e"]}
+    results["ratios"] = {
+        "act_vs_sdpa_full_logits": by["act/all"]["median_ms"] / by["sdpa/all"]["median_ms"],
+        "act_vs_sdpa_last_logits": by["act/last"]["median_ms"] / by["sdpa/last"]["median_ms"],
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    for r in results["e2e"] + results["op"]:
+        print(f"{r['config']:>14} L={r['tokens']:>5}: {r['median_ms']:9.1f} ms  peak +{r['peak_extra_mb']:7.1f} MB")
+    print(json.dumps(results["ratios"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
