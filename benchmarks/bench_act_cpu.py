@@ -2,8 +2,8 @@
 
     python benchmarks/bench_act_cpu.py [--tokens 512] [--repeats 5] [--out benchmarks/results/act_cpu.json]
 
-Times are medians over `repeats` runs after one warm-up. Peak memory is the peak resident set of a fresh
-subprocess that runs only that configuration, minus the same process's resident set just before the measured call.
+Each configuration runs in a fresh subprocess. Times are medians over `repeats` runs after one warm-up; peak memory
+is the resident-set high-water mark during those runs (reset just before them) minus the resident set before them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,23 +20,32 @@ import time
 import torch
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _median_ms(fn, repeats: int) -> tuple[float, list[float]]:
-    fn()
+def _measure(config: str, tokens: int, run, repeats: int) -> dict:
+    """Median wall time of `run` after one warm-up, and its peak resident memory above the resident set before it."""
+    before = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark (VmHWM) to the current RSS
+        f.write("5")
+    run()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        run()
         times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times), times
+    return {
+        "config": config,
+        "tokens": tokens,
+        "median_ms": statistics.median(times),
+        "times_ms": times,
+        "peak_extra_mb": _status_mb("VmHWM") - before,
+    }
 
 
 def e2e(config: str, tokens: int, repeats: int) -> dict:
@@ -59,15 +67,7 @@ def e2e(config: str, tokens: int, repeats: int) -> dict:
         with torch.inference_mode():
             model(ids, **kwargs)
 
-    before = _rss_mb()
-    median, times = _median_ms(run, repeats)
-    return {
-        "config": config,
-        "tokens": tokens,
-        "median_ms": median,
-        "times_ms": times,
-        "peak_extra_mb": _peak_mb() - before,
-    }
+    return _measure(config, tokens, run, repeats)
 
 
 def op(config: str, tokens: int, repeats: int) -> dict:
@@ -86,15 +86,7 @@ def op(config: str, tokens: int, repeats: int) -> dict:
         def run():  # noqa: F811
             torch.nn.functional.scaled_dot_product_attention(q, k.expand_as(q), v.expand_as(q), is_causal=True)
 
-    before = _rss_mb()
-    median, times = _median_ms(run, repeats)
-    return {
-        "config": config,
-        "tokens": tokens,
-        "median_ms": median,
-        "times_ms": times,
-        "peak_extra_mb": _peak_mb() - before,
-    }
+    return _measure(config, tokens, run, repeats)
 
 
 def _child(kind: str, config: str, tokens: int, repeats: int) -> dict:

@@ -11,10 +11,11 @@ import attnpatch
 ACT = dict(beta=0.4, threshold=0.1, heads="all")
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_cached_generation_equals_full_rerun(impl, sink_prompts):
-    """Each generated step's logits equal those of re-running the whole sequence with ACT (no cache)."""
-    model = planted_sink_model(impl)
+@pytest.mark.parametrize(("family", "impl"), [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+def test_cached_generation_equals_full_rerun(family, impl, sink_prompts):
+    """Each generated step's logits equal those of re-running the whole sequence with ACT (no cache); qwen2 has
+    sliding-window layers whose cache keeps only the last keys."""
+    model = planted_sink_model(impl, family)
     ids, mask = sink_prompts
     steps = 6
     gen = dict(
@@ -31,6 +32,10 @@ def test_cached_generation_equals_full_rerun(impl, sink_prompts):
         with attnpatch.patched(model, "act", **ACT) as patch:
             out = model.generate(ids, **gen)
             hidden_sinks = {layer: s.any(-1) for layer, s in patch.method.last_sinks.items()}
+            if family == "qwen2":  # the sliding layers' cache held only the window, not the whole sequence
+                total = out.sequences.shape[1] - 1
+                assert patch.method.last_sinks[0].shape[-1] == 10 < total
+                assert patch.method.column_stats()[0].colsum.shape[-1] == total
             for t in range(steps):
                 length = ids.shape[1] + t
                 seq = out.sequences[:, :length]

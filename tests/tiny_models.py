@@ -41,9 +41,9 @@ def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0) ->
     return model.eval()
 
 
-def planted_sink_model(attn_implementation: str = "sdpa", seed: int = 0, strength: float = 2.0):
-    """Tiny Llama in which every query attends strongly to tokens SINK_TOKEN and SINK_TOKEN_2, at any position and
-    layer.
+def planted_sink_model(attn_implementation: str = "sdpa", family: str = "llama", strength: float = 2.0):
+    """Tiny Llama (or Qwen2 with sliding-window layers) in which every query attends strongly to the tokens
+    SINK_TOKEN and SINK_TOKEN_2, at any position and layer.
 
     A sink token's embedding carries a large component on hidden dimension 0; each k projection copies it into the
     lowest-frequency rotary dimension (rotation is negligible there) and each q bias points along it, so sink keys
@@ -52,8 +52,8 @@ def planted_sink_model(attn_implementation: str = "sdpa", seed: int = 0, strengt
     """
     import transformers as tf
 
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(
+    torch.manual_seed(0)
+    common = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
@@ -61,13 +61,20 @@ def planted_sink_model(attn_implementation: str = "sdpa", seed: int = 0, strengt
         num_key_value_heads=2,
         head_dim=16,
         vocab_size=VOCAB,
-        attention_bias=True,
         rope_theta=1e6,
         max_position_embeddings=128,
         pad_token_id=0,
         initializer_range=0.05,
     )
-    model = tf.LlamaForCausalLM(cfg)
+    if family == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, attention_bias=True))
+    elif family == "qwen2":  # q/k/v biases; layers 0 and 2 slide over 10 keys
+        layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+        cfg = tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=10, layer_types=layer_types)
+        model = tf.Qwen2ForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    cfg = model.config
     slot = cfg.head_dim // 2 - 1  # lowest rotary frequency
     with torch.no_grad():
         emb = model.model.embed_tokens.weight
