@@ -76,6 +76,14 @@ def test_default_heads_are_layers_2_to_L_minus_2(caplog):
     assert "calibration profile" in caplog.text
 
 
+def test_default_heads_on_a_shallow_model_says_nothing_is_selected(caplog):
+    model = tiny_model("llama")
+    model.model.layers = model.model.layers[:3]
+    with caplog.at_level("WARNING", logger="attnpatch"), attnpatch.patched(model, "act") as patch:
+        assert patch.selected_layers == frozenset()
+    assert "nothing is calibrated" in caplog.text
+
+
 def test_patched_restores_on_error():
     model = tiny_model("llama")
     with pytest.raises(KeyError), attnpatch.patched(model, "act", heads="all"):

@@ -57,7 +57,13 @@ class ACT(Method):
         super().__init__(config, num_layers, num_heads)
         default_layers = range(2, max(2, num_layers - 1))
         self.heads: HeadSpec = resolve_heads(config.heads, num_layers, num_heads, default_layers)
-        if config.heads is None:
+        if config.heads is None and not self.heads:
+            logger.warning(
+                "attnpatch act: a %d-layer model has no layer in the default range 2..L-2, so nothing is calibrated; "
+                "pass heads='all' or {layer: [heads]}.",
+                num_layers,
+            )
+        elif config.heads is None:
             logger.warning(
                 "attnpatch act: calibrating every head of layers 2..%d (%d heads); a calibration profile that "
                 "selects heads is recommended.",
