@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .analysis import find_sinks
-from .api import apply, patched
+from .api import patched
 
 SAMPLE_PROMPT = (
     "Question: Which gas do green plants take in from the air to make their food?\n"
@@ -21,12 +21,18 @@ def _tokens(tokenizer, ids: torch.Tensor) -> list[str]:
     return [tokenizer.decode([int(i)]).replace("\n", "\\n") for i in ids]
 
 
+RECOMMENDED_MIN_ROWS = 16  # benchmarks/results/act_ablation.json: removes the harm of the authors' statistic
+MIN_ROWS_SHOWN = 5  # keys seen by fewer query rows pass the threshold on a handful of rows (end of the prompt)
+
+
 def print_sinks(model, tokenizer, prompt: str, *, threshold: float, layers: set[int], limit: int = 12) -> list:
     """Print the hidden sinks (not the first sink) of `prompt` in `layers`; return all reports."""
     enc = tokenizer(prompt, return_tensors="pt")
     reports = find_sinks(model, enc.input_ids, enc.attention_mask, threshold=threshold)
     tokens = _tokens(tokenizer, enc.input_ids[0])
-    hidden = sorted((r for r in reports if not r.first and r.layer in layers), key=lambda r: -r.column_mean)
+    every_hidden = [r for r in reports if not r.first and r.layer in layers]
+    hidden = sorted((r for r in every_hidden if r.rows >= MIN_ROWS_SHOWN), key=lambda r: -r.column_mean)
+    tail = len(every_hidden) - len(hidden)
     first = {(r.layer, r.head): r.position for r in reports if r.first}
     first_positions = sorted(set(first.values()))
     print(
@@ -34,8 +40,10 @@ def print_sinks(model, tokenizer, prompt: str, *, threshold: float, layers: set[
         f"({', '.join(repr(tokens[p]) for p in first_positions)})"
     )
     print(
-        f"hidden sinks (column mean > {threshold}) in layers {min(layers)}..{max(layers)}: {len(hidden)}; "
-        f"top {min(limit, len(hidden))}:"
+        f"hidden sinks (column mean > {threshold}) in layers {min(layers)}..{max(layers)}: {len(every_hidden)} "
+        f"(layer, head, key) triples. {tail} of them are keys near the end of the prompt that fewer than "
+        f"{MIN_ROWS_SHOWN} query rows see (the statistic is noisy there: see min_visible_rows); "
+        f"the top {min(limit, len(hidden))} of the others:"
     )
     print(f"  {'layer':>5} {'head':>4} {'pos':>4} {'token':<14} {'col.mean':>8} {'rows':>5}")
     for r in hidden[:limit]:
@@ -53,11 +61,16 @@ def save_attention_png(model, tokenizer, prompt: str, layer: int, head: int, pat
 
     enc = tokenizer(prompt, return_tensors="pt")
     maps = {}
-    for label, beta in (("before", 1.0), ("after ACT", act_options.get("beta", 0.4))):
-        options = {**act_options, "beta": beta, "heads": {layer: [head]}}
-        with torch.inference_mode(), patched(model, "act", **options):
-            out = model(**enc, output_attentions=True)
-        maps[label] = out.attentions[layer][0, head].float().clamp_min(1e-4).numpy()
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # every layer returns its maps; the patched head returns calibrated ones
+    try:
+        for label, beta in (("before", 1.0), ("after ACT", act_options.get("beta", 0.4))):
+            options = {**act_options, "beta": beta, "heads": {layer: [head]}}
+            with torch.inference_mode(), patched(model, "act", **options):
+                out = model(**enc, output_attentions=True)
+            maps[label] = out.attentions[layer][0, head].float().clamp_min(1e-4).numpy()
+    finally:
+        model.set_attn_implementation(implementation)
     tokens = _tokens(tokenizer, enc.input_ids[0])
     fig, axes = plt.subplots(1, 2, figsize=(14, 6.5), constrained_layout=True)
     for ax, (label, attn) in zip(axes, maps.items(), strict=True):
@@ -100,45 +113,64 @@ def run_demo(
 
     print("\n== where are the hidden sinks? (ACT's column statistic on a sample prompt)")
     reports = print_sinks(model, tokenizer, SAMPLE_PROMPT, threshold=threshold, layers=act_layers)
-    hidden = [r for r in reports if not r.first and r.layer in act_layers]
+    hidden = [r for r in reports if not r.first and r.layer in act_layers and r.rows >= MIN_ROWS_SHOWN]
     png = None
     if hidden:
         top = max(hidden, key=lambda r: r.column_mean)
         png = out / f"attention_layer{top.layer}_head{top.head}.png"
         save_attention_png(model, tokenizer, SAMPLE_PROMPT, top.layer, top.head, png, beta=beta, threshold=threshold)
 
-    print(f"\n== A/B on {task} ({limit} items, {shots}-shot): unpatched vs ACT beta={beta} threshold={threshold}")
+    configs = {
+        "ACT (authors' statistic)": {"beta": beta, "threshold": threshold},
+        f"ACT min_visible_rows={RECOMMENDED_MIN_ROWS}": {
+            "beta": beta,
+            "threshold": threshold,
+            "min_visible_rows": RECOMMENDED_MIN_ROWS,
+        },
+    }
+    print(f"\n== A/B on {task} ({limit} items, {shots}-shot), ACT on every head of layers 2..{num_layers - 2}")
     items = load_task(task, shots=shots, limit=limit)
     labels = [it.label for it in items]
-    t0 = time.perf_counter()
-    base_pred = score_items(model, tokenizer, items, batch_size=batch_size)
-    base_s = time.perf_counter() - t0
-    patch = apply(model, "act", beta=beta, threshold=threshold)
-    t0 = time.perf_counter()
-    act_pred = score_items(model, tokenizer, items, batch_size=batch_size)
-    act_s = time.perf_counter() - t0
-    patch.remove()
-    base_ok = [int(p == y) for p, y in zip(base_pred, labels, strict=True)]
-    act_ok = [int(p == y) for p, y in zip(act_pred, labels, strict=True)]
-    cmp = paired_comparison(base_ok, act_ok)
+
+    def evaluate(options: dict | None) -> tuple[list[int], float]:
+        t0 = time.perf_counter()
+        if options is None:
+            preds = score_items(model, tokenizer, items, batch_size=batch_size)
+        else:
+            with patched(model, "act", **options):
+                preds = score_items(model, tokenizer, items, batch_size=batch_size)
+        return [int(p == y) for p, y in zip(preds, labels, strict=True)], time.perf_counter() - t0
+
+    base_ok, base_s = evaluate(None)
+    rows = {"unpatched": {"accuracy": sum(base_ok) / len(base_ok), "seconds": round(base_s, 1)}}
+    for name, options in configs.items():
+        ok, seconds = evaluate(options)
+        rows[name] = {"options": options, "seconds": round(seconds, 1), **paired_comparison(base_ok, ok)}
+    print(
+        f"\n{'configuration':<32} {'accuracy':>8} {'vs unpatched':>13} {'95% CI':>15} {'McNemar p':>9} "
+        f"{'fixed':>5} {'broken':>6} {'time':>6}"
+    )
+    print(
+        f"{'unpatched':<32} {rows['unpatched']['accuracy']:8.3f} {'':>13} {'':>15} {'':>9} {'':>5} {'':>6} "
+        f"{base_s:5.0f}s"
+    )
+    for name in configs:
+        r = rows[name]
+        lo, hi = r["diff_ci"]
+        print(
+            f"{name:<32} {r['acc_b']:8.3f} {r['diff']:+13.3f} {f'{lo:+.3f}..{hi:+.3f}':>15} "
+            f"{r['p_mcnemar']:9.3f} {r['b_only']:5d} {r['a_only']:6d} {r['seconds']:5.0f}s"
+        )
     summary = {
         "model": "gemma-3-270m",
         "task": task,
         "items": len(items),
         "shots": shots,
-        "act": {"beta": beta, "threshold": threshold, "layers": f"2..{num_layers - 2}", "heads": "all"},
-        "comparison": cmp,
-        "seconds": {"unpatched": round(base_s, 1), "act": round(act_s, 1)},
+        "layers": f"2..{num_layers - 2}, every head",
+        "results": rows,
         "hidden_sinks_on_sample": len(hidden),
         "png": str(png) if png else None,
     }
     (out / "demo_results.json").write_text(json.dumps(summary, indent=2, default=float))
-    lo, hi = cmp["diff_ci"]
-    print(
-        f"accuracy unpatched {cmp['acc_a']:.3f}  ACT {cmp['acc_b']:.3f}  difference {cmp['diff']:+.3f} "
-        f"(95% CI {lo:+.3f}..{hi:+.3f}, McNemar p={cmp['p_mcnemar']:.3f}; "
-        f"{cmp['b_only']} items fixed, {cmp['a_only']} broken)"
-    )
-    print(f"time: unpatched {base_s:.0f} s, ACT {act_s:.0f} s")
     print(f"\nfiles: {out / 'demo_results.json'}" + (f", {png}" if png else ""))
     return summary
