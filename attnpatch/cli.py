@@ -12,9 +12,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which compute paths are usable")
     demo = sub.add_parser("demo", help="hidden sinks in Gemma-3 270M, ACT, and an A/B on a real task")
-    demo.add_argument("--task", default="arc_easy", help="task name (default: arc_easy)")
-    demo.add_argument("--limit", type=int, default=100, help="number of evaluated items (default: 100)")
-    demo.add_argument("--shots", type=int, default=0, help="in-context examples per item (default: 0)")
+    demo.add_argument("--task", default="sst2", help="sst2, arc_easy, arc_challenge, piqa or boolq (default: sst2)")
+    demo.add_argument("--limit", type=int, default=200, help="number of evaluated items (default: 200)")
+    demo.add_argument(
+        "--shots", type=int, default=None, help="in-context examples per item (default: 4 for sst2, else 0)"
+    )
     demo.add_argument("--batch-size", type=int, default=16, help="scored options per forward (default: 16)")
     demo.add_argument("--beta", type=float, default=0.4)
     demo.add_argument("--threshold", type=float, default=0.1)

@@ -1,4 +1,4 @@
-"""CPU cost of ACT: end to end on Gemma-3 270M, and the op alone (chunked vs materialised like the authors' code).
+"""CPU cost of ACT: end to end on Gemma-3 270M, and the op alone (chunked vs eager like the authors' code).
 
     python benchmarks/bench_act_cpu.py [--tokens 512] [--repeats 5] [--out benchmarks/results/act_cpu.json]
 
@@ -70,23 +70,37 @@ def e2e(config: str, tokens: int, repeats: int) -> dict:
     return _measure(config, tokens, run, repeats)
 
 
+def eager_act(q, k, v, *, scale: float, beta: float, threshold: float) -> torch.Tensor:
+    """The authors' eager pipeline, vectorised (our re-expression, not their code): repeat K/V for every query head,
+    materialise the [B, H, L, L] causal softmax, column means over visible rows, drop the first sink, rescale."""
+    hq, lq = q.shape[1], q.shape[2]
+    k = k.repeat_interleave(hq // k.shape[1], dim=1)
+    v = v.repeat_interleave(hq // v.shape[1], dim=1)
+    causal = torch.ones(lq, lq, dtype=torch.bool).tril()
+    probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf")), dim=-1)
+    mean = probs.sum(dim=2) / torch.arange(lq, 0, -1)  # key j is seen by L - j rows
+    sinks = mean > threshold
+    sinks = sinks.scatter(-1, sinks.to(torch.uint8).argmax(-1, keepdim=True), False)
+    s = (probs * sinks[:, :, None]).sum(-1, keepdim=True)
+    weights = torch.where(sinks[:, :, None], torch.full_like(s, beta), (1 - beta * s) / (1 - s))
+    return (probs * weights) @ v
+
+
 def op(config: str, tokens: int, repeats: int) -> dict:
-    """ACT on one Gemma-shaped layer (4 query heads, 1 kv head, head dim 256): chunked or one block."""
+    """One Gemma-shaped layer (4 query heads, 1 kv head, head dim 256, causal): SDPA, ACT chunked, ACT eager."""
     from attnpatch.kernels.act import act_attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, tokens, 256), torch.randn(1, 1, tokens, 256), torch.randn(1, 1, tokens, 256)
-    block = 1 << 22 if config == "chunked" else 1 << 40
-
-    def run():
-        act_attention(q, k, v, scale=256**-0.5, beta=0.4, threshold=0.1, causal=True, block_elements=block)
-
-    if config == "sdpa":
-
-        def run():  # noqa: F811
-            torch.nn.functional.scaled_dot_product_attention(q, k.expand_as(q), v.expand_as(q), is_causal=True)
-
-    return _measure(config, tokens, run, repeats)
+    act = dict(scale=256**-0.5, beta=0.4, threshold=0.1)
+    runs = {
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k.expand_as(q), v.expand_as(q), is_causal=True
+        ),
+        "act chunked": lambda: act_attention(q, k, v, causal=True, **act),
+        "act eager": lambda: eager_act(q, k, v, **act),
+    }
+    return _measure(config, tokens, runs[config], repeats)
 
 
 def _child(kind: str, config: str, tokens: int, repeats: int) -> dict:
@@ -115,7 +129,7 @@ def main() -> None:
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "e2e": [_child("e2e", c, args.tokens, args.repeats) for c in ("sdpa/all", "act/all", "sdpa/last", "act/last")],
-        "op": [_child("op", c, n, args.repeats) for n in args.op_tokens for c in ("sdpa", "chunked", "materialised")],
+        "op": [_child("op", c, n, args.repeats) for n in args.op_tokens for c in ("sdpa", "act chunked", "act eager")],
     }
     by = {r["config"]: r for r in results["e2e"]}
     results["ratios"] = {

@@ -16,7 +16,7 @@ import torch
 
 from .masking import block_bias_and_visibility, visible_rows
 
-DEFAULT_BLOCK_ELEMENTS = 1 << 22  # logits elements per block (16 MiB in float32)
+DEFAULT_BLOCK_ELEMENTS = 1 << 20  # logits elements per block (4 MiB in float32; faster than larger blocks)
 
 
 @dataclass
@@ -75,9 +75,9 @@ class _Blocks:
     def __iter__(self):
         for r0 in range(0, self.lq, self.rows):
             r1 = min(self.lq, r0 + self.rows)
-            logits = (self.q[:, :, r0:r1].float() @ self.k.transpose(-1, -2)) * self.scale
+            logits = (self.q[:, :, r0:r1].float() * self.scale) @ self.k.transpose(-1, -2)
             if self.softcap is not None:
-                logits = self.softcap * torch.tanh(logits / self.softcap)
+                logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
             bias, visible = block_bias_and_visibility(
                 self.mask,
                 r0,
@@ -89,16 +89,15 @@ class _Blocks:
                 device=logits.device,
             )
             if bias is not None:
-                logits = logits + bias
+                logits.add_(bias)
             if visible is not None:
-                logits = logits.masked_fill(~visible, float("-inf"))
+                logits.masked_fill_(~visible, float("-inf"))
             yield r0, r1, logits
 
 
-def _probs(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """exp(logits - lse), 0 on rows that see no key."""
-    p = torch.exp(logits - lse[..., None])
-    return torch.nan_to_num(p, nan=0.0)
+def _probs_(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """exp(logits - lse) computed in place over `logits`; 0 on rows that see no key."""
+    return logits.sub_(lse[..., None]).exp_().nan_to_num_(nan=0.0)
 
 
 def _visible_count(mask, query_valid, lq, lk, *, causal, sliding_window, block_rows, device) -> torch.Tensor:
@@ -170,7 +169,7 @@ def act_attention(
     # pass A+B: log-sum-exp per row and column mass per key
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=device)
     colsum = torch.zeros(b, hq, lk, dtype=torch.float32, device=device)
-    row_weight = query_valid.float()[:, None, :, None]
+    row_weight = query_valid.float()[:, None, None, :]  # [B, 1, 1, Lq]: a row vector per sequence
     block_rows = lq
     for q_idx, kv_idx in groups:
         blocks = _Blocks(
@@ -186,7 +185,7 @@ def act_attention(
         for r0, r1, logits in blocks:
             block_lse = torch.logsumexp(logits, dim=-1)
             lse[:, q_dev, r0:r1] = block_lse
-            colsum[:, q_dev] += (_probs(logits, block_lse) * row_weight[:, :, r0:r1]).sum(dim=2)
+            colsum[:, q_dev] += (row_weight[..., r0:r1] @ _probs_(logits, block_lse)).squeeze(2)
     count = _visible_count(
         mask,
         query_valid,
@@ -211,6 +210,7 @@ def act_attention(
     for q_idx, kv_idx in groups:
         q_dev = q_idx.to(device)
         sink_w = sinks[:, q_dev, None, :].float()  # [B, n, 1, Lk]
+        sink_cols = torch.stack([sink_w, 1.0 - sink_w], dim=-1).squeeze(2)  # [B, n, Lk, 2]
         v_group = _take_heads(v, kv_idx).float()
         blocks = _Blocks(
             _take_heads(q, q_idx),
@@ -221,13 +221,12 @@ def act_attention(
             **geometry,
         )
         for r0, r1, logits in blocks:
-            p = _probs(logits, lse[:, q_dev, r0:r1])
-            s_mass = (p * sink_w).sum(dim=-1)
-            rest = (p * (1.0 - sink_w)).sum(dim=-1)
+            p = _probs_(logits, lse[:, q_dev, r0:r1])
+            s_mass, rest = (p @ sink_cols).unbind(-1)  # sink and non-sink mass per row
             active = valid[:, :, r0:r1] & (rest > 0)
             c = torch.where(active, 1.0 + (1.0 - beta) * s_mass / rest.clamp_min(1e-30), torch.ones_like(rest))
             w_sink = torch.where(active, torch.full_like(rest, beta), torch.ones_like(rest))
-            p = p * (c[..., None] + (w_sink - c)[..., None] * sink_w)
+            p.mul_(torch.addcmul(c[..., None], (w_sink - c)[..., None], sink_w))
             out[:, q_dev, r0:r1] = (p @ v_group).to(q.dtype)
             if probs_out is not None:
                 probs_out[:, q_dev, r0:r1] = p
