@@ -193,7 +193,10 @@ def _convert_gguf(name: str, out: Path, work: Path) -> None:
 
 def _build_cache(name: str, spec: ModelSpec, root: Path) -> Path:
     final = root / name
-    version = importlib.metadata.version(spec.distribution)
+    try:
+        version = importlib.metadata.version(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:  # modules importable without an installed distribution
+        version = "unknown"
     meta = {"name": name, "package": spec.distribution, "version": version, "sha256": _expected_sha256(name)}
     if _cache_valid(final, meta):
         return final
