@@ -34,8 +34,7 @@ def print_sinks(model, tokenizer, prompt: str, *, threshold: float, layers: set[
     every_hidden = [r for r in reports if not r.first and r.layer in layers]
     hidden = sorted((r for r in every_hidden if r.rows >= MIN_ROWS_SHOWN), key=lambda r: -r.column_mean)
     tail = len(every_hidden) - len(hidden)
-    first = {(r.layer, r.head): r.position for r in reports if r.first}
-    first_positions = sorted(set(first.values()))
+    first_positions = sorted({r.position for r in reports if r.first})
     print(
         f"prompt: {len(tokens)} tokens; first sinks (kept by ACT) at positions {first_positions} "
         f"({', '.join(repr(tokens[p]) for p in first_positions)})"

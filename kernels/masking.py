@@ -8,6 +8,11 @@ import torch
 _HIDDEN_BELOW = -1e30
 
 
+def _visible(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean visibility of a bool (True = visible) or additive float mask."""
+    return mask if mask.dtype == torch.bool else mask > _HIDDEN_BELOW
+
+
 def _structural_visibility(
     rows: torch.Tensor, lq: int, lk: int, *, causal: bool, sliding_window: int | None, device: torch.device
 ) -> torch.Tensor | None:
@@ -49,12 +54,11 @@ def block_bias_and_visibility(
     block = mask[:, :, row_start:row_end, :lk]
     if block.dtype == torch.bool:
         return None, block
-    return block.float(), block > _HIDDEN_BELOW
+    return block.float(), _visible(block)
 
 
 def visible_rows(mask: torch.Tensor | None, batch: int, lq: int, device: torch.device) -> torch.Tensor:
     """[B, Lq] bool: query rows that see at least one key (rows of left padding see none)."""
     if mask is None:
         return torch.ones(batch, lq, dtype=torch.bool, device=device)
-    visible = mask if mask.dtype == torch.bool else mask > _HIDDEN_BELOW
-    return visible.any(dim=-1).all(dim=1).expand(batch, lq)
+    return _visible(mask).any(dim=-1).all(dim=1).expand(batch, lq)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -36,7 +36,6 @@ class AttentionCall:
     query_valid: torch.Tensor | None = None
     output_attentions: bool = False
     cache_kind: str = "dynamic"  # "none", "dynamic" (keys in order), or "other" (static/offloaded/... caches)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Method:
