@@ -24,6 +24,7 @@ setup(
         "attnpatch.integrations",
         "attnpatch.eval",
         "attnpatch.kernels",
+        "attnpatch.kernels._triton",
     ],
     install_requires=[
         "torch>=2.4",
@@ -32,6 +33,8 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.24",
         "tqdm>=4.60",
+        # the GPU kernels; on CPU the tests run them in Triton's interpreter
+        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         # GGUF loading of the packaged Gemma/Qwen weights (the zoo converts them once to safetensors)

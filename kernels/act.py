@@ -1,11 +1,15 @@
-"""ACT attention (attention-sink calibration, Yu et al. ICML 2024): memory-safe PyTorch path.
+"""ACT attention (attention-sink calibration, Yu et al. ICML 2024): Triton on CUDA, a memory-safe PyTorch path
+elsewhere. Neither keeps a [B, H, Lq, Lk] tensor.
 
-Three stages per call, on blocks of query rows so that no [B, H, Lq, Lk] tensor is ever kept:
-  pass A+B  logits -> per-row log-sum-exp and each key's summed probability over the valid rows (column mass);
-  select    column mean over the rows that saw each key (plus the running history) -> sinks per (sequence, head);
-  pass C    logits again -> P' = P * w with w = beta on sinks and c = 1 + (1 - beta) S / (1 - S) elsewhere -> P' V.
+  pass A   attention output o and per-row log-sum-exp;
+  pass B   each key's summed probability over the valid rows (column mass) -> running column mean (plus history);
+  select   keys whose column mean passes the threshold -> sinks per (sequence, head);
+  pass C   per row, sink mass S and P' = P * w with w = beta on sinks and c = 1 + (1 - beta) S / (1 - S) elsewhere.
+The Triton path runs A (flash kernel), B (column-mass kernel) and C as a gather over the few sink keys with the
+closed form o' = beta A_S + c (o - A_S); rows with S close to 1, where that subtraction loses precision, are
+recomputed exactly. The PyTorch path fuses A+B and recomputes logits in C, one block of rows at a time.
 Statistics, softmax and accumulation run in float32 whatever the input dtype. GQA reads each query head's K/V
-group directly (no repeated K/V). The Triton version of the same op lands with the kernels issue.
+group directly (no repeated K/V).
 """
 
 from __future__ import annotations
@@ -14,21 +18,22 @@ from dataclasses import dataclass
 
 import torch
 
-from .masking import block_bias_and_visibility, visible_rows
+from . import backend
+from .blocks import (
+    DEFAULT_BLOCK_ELEMENTS,
+    LogitBlocks,
+    default_kv_heads,
+    probs_,
+    replica_groups,
+    take_heads,
+    visible_count,
+)
+from .column_mass import ColumnStats
+from .masking import KeyRanges, ranges_visible_count, visible_rows
 
-DEFAULT_BLOCK_ELEMENTS = 1 << 20  # logits elements per block (4 MiB in float32; faster than larger blocks)
-
-
-@dataclass
-class ColumnStats:
-    """Running column statistic by absolute key position: summed probability and number of rows that saw the key."""
-
-    colsum: torch.Tensor  # [B, H, T] float32
-    count: torch.Tensor  # [B, 1|H, T] float32
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return torch.where(self.count > 0, self.colsum / self.count.clamp_min(1.0), torch.zeros_like(self.colsum))
+# Rows whose non-sink mass 1 - S is below this are recomputed exactly on the Triton path (the closed form divides
+# the rounding error of o - A_S by 1 - S).
+CLOSED_FORM_GUARD = 0.03
 
 
 @dataclass
@@ -37,82 +42,6 @@ class ActOutput:
     stats: ColumnStats  # history for the next call (keys up to key_offset + Lk)
     sinks: torch.Tensor  # [B, Hq, Lk] bool: the calibrated keys of this call
     probs: torch.Tensor | None = None  # [B, Hq, Lq, Lk] calibrated probabilities, only when asked for
-
-
-def _replica_groups(kv_head_index: torch.Tensor, num_kv_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Split query heads into groups whose kv heads are distinct, so one batched matmul per group needs no repeat."""
-    seen: dict[int, int] = {}
-    rank = []
-    for kv in kv_head_index.tolist():
-        rank.append(seen.get(kv, 0))
-        seen[kv] = rank[-1] + 1
-    rank_t = torch.tensor(rank)
-    groups = []
-    for r in range(int(rank_t.max()) + 1 if len(rank) else 0):
-        q_idx = (rank_t == r).nonzero().flatten()
-        groups.append((q_idx, kv_head_index[q_idx]))
-    return groups
-
-
-def _take_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x[:, idx] without a copy when idx is every head in order."""
-    if len(idx) == x.shape[1] and bool((idx == torch.arange(x.shape[1])).all()):
-        return x
-    return x[:, idx.to(x.device)]
-
-
-class _Blocks:
-    """Row blocks of one head group with their logits (float32, -inf where hidden)."""
-
-    def __init__(self, q, k, *, scale, softcap, mask, causal, sliding_window, block_elements):
-        self.q, self.k = q, k.float()
-        self.scale, self.softcap = scale, softcap
-        self.mask, self.causal, self.sliding_window = mask, causal, sliding_window
-        b, n, self.lq, _ = q.shape
-        self.lk = k.shape[2]
-        self.rows = max(1, block_elements // max(1, b * n * self.lk))
-
-    def __iter__(self):
-        for r0 in range(0, self.lq, self.rows):
-            r1 = min(self.lq, r0 + self.rows)
-            logits = (self.q[:, :, r0:r1].float() * self.scale) @ self.k.transpose(-1, -2)
-            if self.softcap is not None:
-                logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
-            bias, visible = block_bias_and_visibility(
-                self.mask,
-                r0,
-                r1,
-                self.lq,
-                self.lk,
-                causal=self.causal,
-                sliding_window=self.sliding_window,
-                device=logits.device,
-            )
-            if bias is not None:
-                logits.add_(bias)
-            if visible is not None:
-                logits.masked_fill_(~visible, float("-inf"))
-            yield r0, r1, logits
-
-
-def _probs_(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """exp(logits - lse) computed in place over `logits`; 0 on rows that see no key."""
-    return logits.sub_(lse[..., None]).exp_().nan_to_num_(nan=0.0)
-
-
-def _visible_count(mask, query_valid, lq, lk, *, causal, sliding_window, block_rows, device) -> torch.Tensor:
-    """[B, 1|H, Lk] number of valid query rows that see each key."""
-    batch = query_valid.shape[0]
-    count = None
-    for r0 in range(0, lq, block_rows):
-        r1 = min(lq, r0 + block_rows)
-        _, visible = block_bias_and_visibility(
-            mask, r0, r1, lq, lk, causal=causal, sliding_window=sliding_window, device=device
-        )
-        rows = query_valid[:, None, r0:r1, None].float()  # [B, 1, r, 1]
-        part = (rows.expand(batch, 1, r1 - r0, lk) if visible is None else visible.float() * rows).sum(dim=2)
-        count = part if count is None else count + part
-    return count
 
 
 def select_sinks(stats: ColumnStats, *, threshold: float, min_visible_rows: int, keep_first_sink: bool) -> torch.Tensor:
@@ -135,7 +64,7 @@ def act_attention(
     threshold: float,
     keep_first_sink: bool = True,
     min_visible_rows: int = 1,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | KeyRanges | None = None,
     causal: bool = False,
     sliding_window: int | None = None,
     softcap: float | None = None,
@@ -148,23 +77,47 @@ def act_attention(
 ) -> ActOutput:
     """ACT-calibrated attention for q [B, Hq, Lq, D] against k, v [B, Hkv, Lk, D].
 
-    mask: transformers' 4-D mask (bool, True = visible, or additive float) or None for the `causal` /
+    mask: transformers' 4-D mask (bool, True = visible, or additive float), KeyRanges, or None for the `causal` /
     `sliding_window` rules. query_valid [B, Lq]: rows that count in the statistic and get calibrated (default: rows
     that see a key). kv_head_index [Hq]: kv head of each query head (default h // (Hq / Hkv)). history / key_offset:
     running statistic from earlier calls of the same sequence (decode, chunked prefill); this call's keys sit at
-    absolute positions [key_offset, key_offset + Lk).
+    absolute positions [key_offset, key_offset + Lk). return_probs: also the calibrated [B, Hq, Lq, Lk]
+    probabilities (PyTorch path only). block_elements: logits per block of the PyTorch path.
     """
+    b, hq, lq, _ = q.shape
+    hkv = k.shape[1]
+    if kv_head_index is None:
+        kv_head_index = default_kv_heads(hq, hkv)
+    unsupported = "returning the attention probabilities (output_attentions=True)" if return_probs else None
+    path, ranges = backend.plan(
+        "act_attention", q, (k, v), mask, causal=causal, sliding_window=sliding_window, unsupported=unsupported
+    )
+    if query_valid is None:
+        query_valid = visible_rows(ranges if ranges is not None else mask, b, lq, q.device)
+    query_valid = query_valid.to(q.device).expand(b, lq)
+    select = dict(threshold=threshold, min_visible_rows=min_visible_rows, keep_first_sink=keep_first_sink)
+    if path == "triton":
+        return _act_triton(
+            q, k, v, ranges, scale=scale, beta=beta, softcap=softcap, query_valid=query_valid,
+            kv_head_index=kv_head_index, history=history, key_offset=key_offset, select=select,
+        )  # fmt: skip
+    return _act_torch(
+        q, k, v, scale=scale, beta=beta, mask=mask, causal=causal, sliding_window=sliding_window, softcap=softcap,
+        query_valid=query_valid, kv_head_index=kv_head_index, history=history, key_offset=key_offset, select=select,
+        return_probs=return_probs, block_elements=block_elements,
+    )  # fmt: skip
+
+
+def _act_torch(
+    q, k, v, *, scale, beta, mask, causal, sliding_window, softcap, query_valid, kv_head_index, history, key_offset,
+    select, return_probs, block_elements,
+) -> ActOutput:  # fmt: skip
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     device = q.device
-    if kv_head_index is None:
-        kv_head_index = torch.arange(hq) // (hq // hkv)
     kv_head_index = kv_head_index.cpu()
-    if query_valid is None:
-        query_valid = visible_rows(mask, b, lq, device)
-    query_valid = query_valid.to(device)
     geometry = dict(mask=mask, causal=causal, sliding_window=sliding_window)
-    groups = _replica_groups(kv_head_index, hkv)
+    groups = replica_groups(kv_head_index, hkv)
 
     # pass A+B: log-sum-exp per row and column mass per key
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=device)
@@ -172,9 +125,9 @@ def act_attention(
     row_weight = query_valid.float()[:, None, None, :]  # [B, 1, 1, Lq]: a row vector per sequence
     block_rows = lq
     for q_idx, kv_idx in groups:
-        blocks = _Blocks(
-            _take_heads(q, q_idx),
-            _take_heads(k, kv_idx),
+        blocks = LogitBlocks(
+            take_heads(q, q_idx),
+            take_heads(k, kv_idx),
             scale=scale,
             softcap=softcap,
             block_elements=block_elements,
@@ -185,8 +138,8 @@ def act_attention(
         for r0, r1, logits in blocks:
             block_lse = torch.logsumexp(logits, dim=-1)
             lse[:, q_dev, r0:r1] = block_lse
-            colsum[:, q_dev] += (row_weight[..., r0:r1] @ _probs_(logits, block_lse)).squeeze(2)
-    count = _visible_count(
+            colsum[:, q_dev] += (row_weight[..., r0:r1] @ probs_(logits, block_lse)).squeeze(2)
+    count = visible_count(
         mask,
         query_valid,
         lq,
@@ -199,9 +152,7 @@ def act_attention(
 
     # select: running statistic over absolute key positions
     stats = _accumulate(history, colsum, count, key_offset)
-    sinks = select_sinks(
-        stats, threshold=threshold, min_visible_rows=min_visible_rows, keep_first_sink=keep_first_sink
-    )[..., key_offset : key_offset + lk]
+    sinks = select_sinks(stats, **select)[..., key_offset : key_offset + lk]
 
     # pass C: calibrated output
     out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=device)
@@ -211,17 +162,17 @@ def act_attention(
         q_dev = q_idx.to(device)
         sink_w = sinks[:, q_dev, None, :].float()  # [B, n, 1, Lk]
         sink_cols = torch.stack([sink_w, 1.0 - sink_w], dim=-1).squeeze(2)  # [B, n, Lk, 2]
-        v_group = _take_heads(v, kv_idx).float()
-        blocks = _Blocks(
-            _take_heads(q, q_idx),
-            _take_heads(k, kv_idx),
+        v_group = take_heads(v, kv_idx).float()
+        blocks = LogitBlocks(
+            take_heads(q, q_idx),
+            take_heads(k, kv_idx),
             scale=scale,
             softcap=softcap,
             block_elements=block_elements,
             **geometry,
         )
         for r0, r1, logits in blocks:
-            p = _probs_(logits, lse[:, q_dev, r0:r1])
+            p = probs_(logits, lse[:, q_dev, r0:r1])
             s_mass, rest = (p @ sink_cols).unbind(-1)  # sink and non-sink mass per row
             active = valid[:, :, r0:r1] & (rest > 0)
             c = torch.where(active, 1.0 + (1.0 - beta) * s_mass / rest.clamp_min(1e-30), torch.ones_like(rest))
@@ -231,6 +182,67 @@ def act_attention(
             if probs_out is not None:
                 probs_out[:, q_dev, r0:r1] = p
     return ActOutput(out=out, stats=stats, sinks=sinks, probs=probs_out)
+
+
+def _act_triton(
+    q, k, v, ranges: KeyRanges, *, scale, beta, softcap, query_valid, kv_head_index, history, key_offset, select
+) -> ActOutput:
+    from ._triton.column_mass import column_mass_forward
+    from ._triton.flash import flash_forward
+    from ._triton.sink_correction import sink_correction_forward
+
+    b, hq, lq, d = q.shape
+    lk = k.shape[2]
+    heads = dict(softcap=softcap, kv_head_index=kv_head_index)
+    plain = torch.empty(b, hq, lq, d, dtype=torch.float32, device=q.device)
+    plain, lse = flash_forward(q, k, v, ranges, scale=scale, out=plain, **heads)
+    colsum = column_mass_forward(q, k, lse, ranges, query_valid, scale=scale, **heads)
+    stats = _accumulate(history, colsum, ranges_visible_count(ranges, query_valid, lk), key_offset)
+    sinks = select_sinks(stats, **select)[..., key_offset : key_offset + lk]
+    index = sink_index(sinks)
+    if index is None:
+        return ActOutput(out=plain.to(q.dtype), stats=stats, sinks=sinks)
+    out, mass = sink_correction_forward(
+        q, k, v, plain, lse, ranges, query_valid, index, scale=scale, beta=beta, guard=CLOSED_FORM_GUARD, **heads
+    )
+    guarded = (mass > 0) & (1.0 - mass < CLOSED_FORM_GUARD)
+    if bool(guarded.any()):
+        _exact_rows(q, k, v, out, guarded, ranges, sinks, scale=scale, beta=beta, **heads)
+    return ActOutput(out=out, stats=stats, sinks=sinks)
+
+
+def sink_index(sinks: torch.Tensor) -> torch.Tensor | None:
+    """[B, H, K] int32 positions of each (sequence, head)'s sinks in ascending order, -1 padded; None if no sink."""
+    most = int(sinks.sum(-1).max()) if sinks.numel() else 0
+    if most == 0:
+        return None
+    lk = sinks.shape[-1]
+    positions = torch.where(sinks, torch.arange(lk, device=sinks.device), lk)
+    index = positions.topk(most, dim=-1, largest=False, sorted=True).values
+    return torch.where(index == lk, -1, index).to(torch.int32)
+
+
+def _exact_rows(q, k, v, out, rows, ranges, sinks, *, scale, beta, softcap, kv_head_index, max_elements=1 << 22):
+    """Recompute the ACT output of the selected (batch, head, row) triples from their full logits, in place."""
+    lk, d = k.shape[2], k.shape[3]
+    kv_heads = kv_head_index.to(q.device)
+    picks = rows.nonzero()
+    step = max(1, max_elements // max(1, lk * d))
+    cols = torch.arange(lk, device=q.device)
+    for start in range(0, len(picks), step):
+        bi, hi, ri = picks[start : start + step].unbind(1)
+        kvh = kv_heads[hi]
+        logits = torch.einsum("nd,nkd->nk", q[bi, hi, ri].float(), k[bi, kvh].float()) * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        seen = (cols >= ranges.lo[bi, ri, None]) & (cols < ranges.hi[bi, ri, None])
+        p = torch.softmax(logits.masked_fill(~seen, float("-inf")), dim=-1)
+        sink = sinks[bi, hi].float()
+        s_mass, rest = (p * sink).sum(-1), (p * (1 - sink)).sum(-1)
+        c = torch.where(rest > 0, 1.0 + (1.0 - beta) * s_mass / rest.clamp_min(1e-30), torch.ones_like(rest))
+        w_sink = torch.where(rest > 0, torch.full_like(rest, beta), torch.ones_like(rest))
+        p = p * (c[:, None] + (w_sink - c)[:, None] * sink)
+        out[bi, hi, ri] = torch.einsum("nk,nkd->nd", p, v[bi, kvh].float()).to(out.dtype)
 
 
 def _accumulate(history: ColumnStats | None, colsum: torch.Tensor, count: torch.Tensor, key_offset: int) -> ColumnStats:

@@ -1,0 +1,77 @@
+"""Pieces shared by the Triton kernels: logit transform, tile sizes, argument helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import interpreting
+from ..masking import KeyRanges
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def scaled_logits(s, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw q.k -> logits in base 2 (natural logits times log2 e), with Gemma-2 style softcapping."""
+    s = s * scale
+    if HAS_SOFTCAP:
+        # softcap * tanh(s / softcap), tanh from exp (no libdevice, so it also runs in the interpreter)
+        e = tl.exp(-2.0 * tl.abs(s / softcap))
+        t = (1.0 - e) / (1.0 + e)
+        s = softcap * tl.where(s < 0, -t, t)
+    return s * 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def tiles(head_dim: int, dtype: torch.dtype, rows: int) -> Tiles:
+    """Tile sizes for a flash-style kernel: larger tiles for 16-bit inputs, smaller for fp32 and head dim 256."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if interpreting():
+        return Tiles(32 if rows > 16 else 16, 32, block_d, 4, 1)
+    block_m = 16 if rows <= 16 else (64 if block_d >= 256 or dtype == torch.float32 else 128)
+    block_n = 32 if block_d >= 256 and dtype == torch.float32 else 64
+    warps = 4 if block_m <= 64 else 8
+    return Tiles(block_m, block_n, block_d, warps, 2 if block_d >= 256 else 3)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (no TF32 rounding); 16-bit inputs use the tensor cores as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    """Convert tiles to fp32 after loading: always in the interpreter (its bf16 math is wrong), and for fp32."""
+    return interpreting() or dtype == torch.float32
+
+
+def strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+def range_args(ranges: KeyRanges) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """lo, hi (int32) and their (batch, row) strides."""
+    lo, hi = ranges.lo.to(torch.int32), ranges.hi.to(torch.int32)
+    if lo.stride() != hi.stride():
+        lo, hi = lo.contiguous(), hi.contiguous()
+    return lo, hi, lo.stride(0), lo.stride(1)
+
+
+def head_map(kv_head_index: torch.Tensor | None, hq: int, hkv: int, device: torch.device) -> torch.Tensor:
+    """[Hq] int32 kv head of each query head (default: consecutive groups of Hq / Hkv heads)."""
+    if kv_head_index is None:
+        if hq % hkv:
+            raise ValueError(f"{hq} query heads cannot share {hkv} kv heads evenly; pass kv_head_index")
+        kv_head_index = torch.arange(hq) // (hq // hkv)
+    return kv_head_index.to(device=device, dtype=torch.int32)

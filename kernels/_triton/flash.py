@@ -1,0 +1,166 @@
+"""Flash-attention forward with per-row log-sum-exp (online softmax, fp32 accumulation).
+
+One program per (query block, batch x query head). The kv head of each query head is read from a table (GQA without
+repeating K/V). Each row sees the keys of its interval [lo, hi); the key loop runs over the union of the block's
+intervals in three parts: a masked left edge, an unmasked middle that every row sees whole, a masked right edge.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..masking import KeyRanges
+from .common import dot_precision, head_map, range_args, scaled_logits, strides4, tiles, upcast
+
+
+@triton.jit
+def _key_tiles(
+    acc, l_i, m_i, q, k_base, v_base, lo, hi, start, end, LK, D,
+    stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap,
+    offs_n, offs_d,
+    MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    d_ok = offs_d < D
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        c_ok = cols < LK
+        kt = tl.load(
+            k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=c_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=c_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = scaled_logits(tl.dot(q, kt, input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
+        if MASKED:
+            seen = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+            s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _flash_fwd(
+    Q, K, V, O, LSE, LO, HI, KV_HEAD,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_rb, stride_rm,
+    H, LQ, LK, D, scale, softcap,
+    HAS_SOFTCAP: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = tl.load(KV_HEAD + h)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < LQ
+    d_ok = offs_d < D
+
+    lo = tl.load(LO + b * stride_rb + offs_m * stride_rm, mask=m_ok, other=0)
+    hi = tl.load(HI + b * stride_rb + offs_m * stride_rm, mask=m_ok, other=0)
+    row_ok = m_ok & (lo < hi)
+    lo_min = tl.min(tl.where(row_ok, lo, LK), 0)
+    lo_max = tl.max(tl.where(row_ok, lo, 0), 0)
+    hi_min = tl.min(tl.where(row_ok, hi, LK), 0)
+    hi_max = tl.max(tl.where(row_ok, hi, 0), 0)
+    first = (lo_min // BLOCK_N) * BLOCK_N
+    full_lo = tl.cdiv(lo_max, BLOCK_N) * BLOCK_N
+    full_hi = (hi_min // BLOCK_N) * BLOCK_N
+    has_mid = full_hi > full_lo
+    left_end = tl.where(has_mid, full_lo, hi_max)
+    mid_end = tl.where(has_mid, full_hi, full_lo)
+    right_start = tl.where(has_mid, full_hi, hi_max)
+
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _key_tiles(
+        acc, l_i, m_i, q, k_base, v_base, lo, hi, first, left_end, LK, D,
+        stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, offs_n, offs_d,
+        True, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _key_tiles(
+        acc, l_i, m_i, q, k_base, v_base, lo, hi, full_lo, mid_end, LK, D,
+        stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, offs_n, offs_d,
+        False, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _key_tiles(
+        acc, l_i, m_i, q, k_base, v_base, lo, hi, right_start, hi_max, LK, D,
+        stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, offs_n, offs_d,
+        True, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N,
+    )  # fmt: skip
+
+    live = row_ok & (l_i > 0)
+    l_safe = tl.where(live, l_i, 1.0)
+    out = tl.where(live[:, None], acc / l_safe[:, None], 0.0)
+    tl.store(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
+    if STORE_LSE:
+        lse = tl.where(live, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + bh * LQ + offs_m, lse, mask=m_ok)
+
+
+def flash_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ranges: KeyRanges,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    kv_head_index: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    return_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of q [B, Hq, Lq, D] over k, v [B, Hkv, Lk, D]; returns out (q's dtype unless `out` is given, e.g. an
+    fp32 buffer) and the natural-log LSE [B, Hq, Lq] fp32 (-inf on rows that see no key)."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, L, H, D] memory
+    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device) if return_lse else out
+    lo, hi, srb, srm = range_args(ranges)
+    t = tiles(d, q.dtype, lq)
+    grid = (triton.cdiv(lq, t.block_m), b * hq)
+    _flash_fwd[grid](
+        q, k, v, out, lse, lo, hi, head_map(kv_head_index, hq, hkv, q.device),
+        *strides4(q), *strides4(k), *strides4(v), *strides4(out), srb, srm,
+        hq, lq, lk, d, float(scale), float(softcap or 1.0),
+        HAS_SOFTCAP=softcap is not None, STORE_LSE=return_lse, UPCAST=upcast(q.dtype),
+        PRECISION=dot_precision(q.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )  # fmt: skip
+    return out, (lse if return_lse else None)

@@ -1,0 +1,130 @@
+"""ACT pass C: per query row, the probability mass S and the partial output A_S over the few sink keys, then the
+closed-form correction o' = beta A_S + c (o - A_S), c = (1 - beta S) / (1 - S), of the plain output o.
+
+One program per (query block, batch x head); sink keys come as a padded index list [B, H, K] (-1 = none) and are
+gathered in chunks of BLOCK_K. Rows that are not valid, see no sink, or have (1 - S) below `guard` keep o; the
+caller recomputes the guarded rows exactly (the subtraction o - A_S loses precision as S approaches 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..masking import KeyRanges
+from .common import head_map, range_args, scaled_logits, strides4, tiles, upcast
+
+
+@triton.jit
+def _sink_correction(
+    Q, K, V, O_IN, LSE, W, LO, HI, KV_HEAD, SINK_IDX, OUT, SINK_MASS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ib, stride_ih, stride_im, stride_id,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_rb, stride_rm, stride_wb, stride_wm,
+    H, LQ, D, NUM_SINKS, scale, softcap, beta, guard,
+    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = tl.load(KV_HEAD + h)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = rows < LQ
+    d_ok = offs_d < D
+    lo = tl.load(LO + b * stride_rb + rows * stride_rm, mask=m_ok, other=0)
+    hi = tl.load(HI + b * stride_rb + rows * stride_rm, mask=m_ok, other=0)
+    w = tl.load(W + b * stride_wb + rows * stride_wm, mask=m_ok, other=0.0)
+    valid = m_ok & (lo < hi) & (w > 0)
+    lse = tl.load(LSE + bh * LQ + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+    lse = tl.where(valid, lse, 0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    mass = tl.zeros([BLOCK_M], dtype=tl.float32)
+    partial = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, NUM_SINKS, BLOCK_K):
+        idx = tl.load(SINK_IDX + bh * NUM_SINKS + k0 + offs_k, mask=k0 + offs_k < NUM_SINKS, other=-1)
+        k_ok = idx >= 0
+        kt = tl.load(
+            K + b * stride_kb + kvh * stride_kh + idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=k_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        v = tl.load(
+            V + b * stride_vb + kvh * stride_vh + idx[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        s = scaled_logits(tl.dot(q, kt, input_precision="ieee"), scale, softcap, HAS_SOFTCAP)
+        seen = valid[:, None] & k_ok[None, :] & (idx[None, :] >= lo[:, None]) & (idx[None, :] < hi[:, None])
+        p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)
+        mass += tl.sum(p, 1)
+        partial += tl.dot(p, v, input_precision="ieee")
+    o_ptrs = offs_d[None, :] * stride_id + rows[:, None] * stride_im + b * stride_ib + h * stride_ih
+    o = tl.load(O_IN + o_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    rest = 1.0 - mass
+    active = valid & (mass > 0) & (rest >= guard)
+    c = (1.0 - beta * mass) / tl.where(active, rest, 1.0)
+    out = tl.where(active[:, None], beta * partial + c[:, None] * (o - partial), o)
+    tl.store(
+        OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(OUT.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(SINK_MASS + bh * LQ + rows, tl.where(valid, mass, 0.0), mask=m_ok)
+
+
+def sink_correction_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plain_out: torch.Tensor,
+    lse: torch.Tensor,
+    ranges: KeyRanges,
+    query_weight: torch.Tensor,
+    sink_index: torch.Tensor,
+    *,
+    scale: float,
+    beta: float,
+    guard: float,
+    softcap: float | None = None,
+    kv_head_index: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibrated output (q's dtype) and sink mass S [B, Hq, Lq] fp32 (0 on invalid rows).
+
+    plain_out: the plain attention output o (fp32 recommended), lse: its natural-log LSE, sink_index [B, Hq, K] int32
+    absolute key indices into k (-1 pads)."""
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    if out is None:
+        out = torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+    mass = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    lo, hi, srb, srm = range_args(ranges)
+    weight = query_weight.to(torch.float32).expand(b, lq)
+    num_sinks = sink_index.shape[-1]
+    sink_index = sink_index.to(torch.int32).contiguous()
+    t = tiles(d, q.dtype, lq)
+    block_k = 16 if num_sinks <= 16 else 32
+    block_m = min(t.block_m, 64)
+    grid = (triton.cdiv(lq, block_m), b * hq)
+    _sink_correction[grid](
+        q, k, v, plain_out, lse.contiguous(), weight, lo, hi, head_map(kv_head_index, hq, hkv, q.device),
+        sink_index, out, mass,
+        *strides4(q), *strides4(k), *strides4(v), *strides4(plain_out), *strides4(out),
+        srb, srm, weight.stride(0), weight.stride(1),
+        hq, lq, d, num_sinks, float(scale), float(softcap or 1.0), float(beta), float(guard),
+        HAS_SOFTCAP=softcap is not None, UPCAST=upcast(q.dtype),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=t.block_d, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out, mass
