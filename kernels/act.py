@@ -177,7 +177,8 @@ def _act_torch(
             active = valid[:, :, r0:r1] & (rest > 0)
             c = torch.where(active, 1.0 + (1.0 - beta) * s_mass / rest.clamp_min(1e-30), torch.ones_like(rest))
             w_sink = torch.where(active, torch.full_like(rest, beta), torch.ones_like(rest))
-            p.mul_(torch.addcmul(c[..., None], (w_sink - c)[..., None], sink_w))
+            # a select, not c + (w_sink - c) * sink: c can be huge when the sinks hold nearly all of a row's mass
+            p.mul_(torch.where(sink_w > 0, w_sink[..., None], c[..., None]))
             out[:, q_dev, r0:r1] = (p @ v_group).to(q.dtype)
             if probs_out is not None:
                 probs_out[:, q_dev, r0:r1] = p
@@ -241,7 +242,7 @@ def _exact_rows(q, k, v, out, rows, ranges, sinks, *, scale, beta, softcap, kv_h
         s_mass, rest = (p * sink).sum(-1), (p * (1 - sink)).sum(-1)
         c = torch.where(rest > 0, 1.0 + (1.0 - beta) * s_mass / rest.clamp_min(1e-30), torch.ones_like(rest))
         w_sink = torch.where(rest > 0, torch.full_like(rest, beta), torch.ones_like(rest))
-        p = p * (c[:, None] + (w_sink - c)[:, None] * sink)
+        p = p * torch.where(sink > 0, w_sink[:, None], c[:, None])
         out[bi, hi, ri] = torch.einsum("nk,nkd->nd", p, v[bi, kvh].float()).to(out.dtype)
 
 

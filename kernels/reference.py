@@ -127,6 +127,7 @@ def act(
                 if rest <= 0:  # every visible key is a sink: nowhere to give the mass, leave the row alone
                     continue
                 calibrated[bi, h, i, cols] = beta * row[cols]
-                calibrated[bi, h, i, ~cols] = row[~cols] + (1 - beta) * s * row[~cols] / (1 - s)
+                # divide by the non-sink mass itself, not 1 - s: that difference cancels when s is close to 1
+                calibrated[bi, h, i, ~cols] = row[~cols] + (1 - beta) * s * row[~cols] / rest
     vv = v.double().repeat_interleave(hq // v.shape[1], dim=1)
     return {"out": calibrated @ vv, "probs": calibrated, "colsum": colsum, "count": count, "sinks": sinks}
