@@ -10,6 +10,7 @@ import torch
 
 from . import __version__
 from .api import available_methods
+from .kernels import backend
 
 
 def _version(dist: str) -> str:
@@ -20,15 +21,23 @@ def _version(dist: str) -> str:
 
 
 def backends() -> list[tuple[str, bool, str]]:
-    """(path, usable, why) for each compute path."""
-    rows = [("torch (chunked PyTorch path)", True, "always available; used for every non-CUDA tensor")]
-    if importlib.util.find_spec("triton") is None:
-        rows.append(("triton", False, "triton is not installed"))
-    elif not torch.cuda.is_available():
-        rows.append(("triton", False, "no CUDA device (CPU tests can run kernels with TRITON_INTERPRET=1)"))
-    else:
-        rows.append(("triton", False, "Triton kernels are not part of this release yet; the torch path runs on CUDA"))
+    """(path, usable, why) for each compute path, and which one kernel ops take now."""
+    rows = [("torch (chunked PyTorch path)", True, "always available; runs every non-CUDA tensor by default")]
+    cuda = torch.device("cuda")
+    cannot = backend.triton_unusable(cuda)
+    if cannot is None and not torch.cuda.is_available():
+        cannot = "no CUDA device (the CPU tests run the kernels with TRITON_INTERPRET=1)"
+    rows.append((f"triton {backend.triton_version() or ''}".strip(), cannot is None, cannot or "CUDA tensors"))
     return rows
+
+
+def active_path() -> str:
+    """One line: the path kernel ops take now on this machine's default device, and why."""
+    try:
+        path, why = backend.describe()
+    except ValueError as err:  # a bad ATTNPATCH_BACKEND value
+        return f"active: error ({err})"
+    return f"active: {path} ({why}); {backend.ENV_VAR}={backend.requested()}"
 
 
 def report() -> str:
@@ -48,6 +57,7 @@ def report() -> str:
     lines.append("compute paths:")
     for name, usable, why in backends():
         lines.append(f"  {'yes' if usable else 'no ':3} {name}: {why}")
+    lines.append(f"  {active_path()}")
     lines.append(f"methods: {', '.join(available_methods())}")
     try:
         from .models import MODELS, is_installed

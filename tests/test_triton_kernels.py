@@ -237,3 +237,15 @@ def test_unknown_backend_value_is_an_error(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="auto, torch, triton"):
         attention(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8))
+
+
+def test_info_names_the_active_path(monkeypatch):
+    from attnpatch.info import active_path
+
+    monkeypatch.setenv(backend.ENV_VAR, "torch")
+    assert active_path().startswith("active: torch (forced by ATTNPATCH_BACKEND=torch)")
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    expected = "active: triton" if torch.cuda.is_available() or backend.interpreting() else "active: error"
+    assert active_path().startswith(expected)
+    monkeypatch.setenv(backend.ENV_VAR, "bogus")
+    assert "not one of" in active_path()
