@@ -62,12 +62,15 @@ def _flash_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_rb, stride_rm,
-    H, LQ, LK, D, scale, softcap,
+    stride_os, H, LQ, LK, D, SPLIT_KEYS, scale, softcap,
     HAS_SOFTCAP: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)  # split-KV (decode): this program covers keys [split0, split1) only
+    split0 = split * SPLIT_KEYS
+    split1 = split0 + SPLIT_KEYS
     b = bh // H
     h = bh % H
     kvh = tl.load(KV_HEAD + h)
@@ -88,9 +91,12 @@ def _flash_fwd(
     full_lo = tl.cdiv(lo_max, BLOCK_N) * BLOCK_N
     full_hi = (hi_min // BLOCK_N) * BLOCK_N
     has_mid = full_hi > full_lo
-    left_end = tl.where(has_mid, full_lo, hi_max)
-    mid_end = tl.where(has_mid, full_hi, full_lo)
-    right_start = tl.where(has_mid, full_hi, hi_max)
+    left_end = tl.minimum(tl.where(has_mid, full_lo, hi_max), split1)
+    mid_end = tl.minimum(tl.where(has_mid, full_hi, full_lo), split1)
+    right_start = tl.maximum(tl.where(has_mid, full_hi, hi_max), split0)
+    right_end = tl.minimum(hi_max, split1)
+    first = tl.maximum(first, split0)
+    full_lo = tl.maximum(full_lo, split0)
 
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -115,7 +121,7 @@ def _flash_fwd(
         False, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _key_tiles(
-        acc, l_i, m_i, q, k_base, v_base, lo, hi, right_start, hi_max, LK, D,
+        acc, l_i, m_i, q, k_base, v_base, lo, hi, right_start, right_end, LK, D,
         stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, offs_n, offs_d,
         True, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N,
     )  # fmt: skip
@@ -124,13 +130,18 @@ def _flash_fwd(
     l_safe = tl.where(live, l_i, 1.0)
     out = tl.where(live[:, None], acc / l_safe[:, None], 0.0)
     tl.store(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        O
+        + split * stride_os
+        + b * stride_ob
+        + h * stride_oh
+        + offs_m[:, None] * stride_om
+        + offs_d[None, :] * stride_od,
         out.to(O.dtype.element_ty),
         mask=m_ok[:, None] & d_ok[None, :],
     )
     if STORE_LSE:
         lse = tl.where(live, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + bh * LQ + offs_m, lse, mask=m_ok)
+        tl.store(LSE + (split * tl.num_programs(1) + bh) * LQ + offs_m, lse, mask=m_ok)
 
 
 def flash_forward(
@@ -144,23 +155,56 @@ def flash_forward(
     kv_head_index: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     return_lse: bool = True,
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of q [B, Hq, Lq, D] over k, v [B, Hkv, Lk, D]; returns out (q's dtype unless `out` is given, e.g. an
-    fp32 buffer) and the natural-log LSE [B, Hq, Lq] fp32 (-inf on rows that see no key)."""
+    fp32 buffer) and the natural-log LSE [B, Hq, Lq] fp32 (-inf on rows that see no key).
+
+    num_splits: split the keys into this many ranges run by separate programs and merge their partial results by
+    LSE (flash-decoding); None chooses by occupancy (it only pays when there are few query blocks and many keys).
+    """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     if out is None:
         out = torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, L, H, D] memory
-    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device) if return_lse else out
     lo, hi, srb, srm = range_args(ranges)
     t = tiles(d, q.dtype, lq)
-    grid = (triton.cdiv(lq, t.block_m), b * hq)
+    programs = triton.cdiv(lq, t.block_m) * b * hq
+    splits = _num_splits(programs, lk, t.block_n, q.device) if num_splits is None else max(1, num_splits)
+    split_keys = triton.cdiv(triton.cdiv(lk, splits), t.block_n) * t.block_n
+    splits = triton.cdiv(lk, split_keys)
+    if splits == 1:
+        target, lse = out, torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    else:
+        target = torch.empty(splits, b, hq, lq, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, b, hq, lq, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(lq, t.block_m), b * hq, splits)
     _flash_fwd[grid](
-        q, k, v, out, lse, lo, hi, head_map(kv_head_index, hq, hkv, q.device),
-        *strides4(q), *strides4(k), *strides4(v), *strides4(out), srb, srm,
-        hq, lq, lk, d, float(scale), float(softcap or 1.0),
-        HAS_SOFTCAP=softcap is not None, STORE_LSE=return_lse, UPCAST=upcast(q.dtype),
+        q, k, v, target, lse, lo, hi, head_map(kv_head_index, hq, hkv, q.device),
+        *strides4(q), *strides4(k), *strides4(v), *target.stride()[-4:], srb, srm,
+        target.stride(0) if splits > 1 else 0, hq, lq, lk, d, split_keys, float(scale), float(softcap or 1.0),
+        HAS_SOFTCAP=softcap is not None, STORE_LSE=return_lse or splits > 1, UPCAST=upcast(q.dtype),
         PRECISION=dot_precision(q.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
+    if splits > 1:
+        lse = _merge_splits(target, lse, out)
     return out, (lse if return_lse else None)
+
+
+def _num_splits(programs: int, lk: int, block_n: int, device: torch.device) -> int:
+    """Enough key splits to give every SM about two programs, each split at least 4 key tiles long."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), lk // (4 * block_n), 64))
+
+
+def _merge_splits(parts: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Combine per-split outputs [S, B, H, Lq, D] and LSEs [S, B, H, Lq] into `out`; returns the total LSE."""
+    lse = torch.logsumexp(part_lse, dim=0)
+    weight = torch.exp(part_lse - lse.masked_fill(torch.isinf(lse), 0.0)).nan_to_num_(nan=0.0)
+    out.copy_((parts * weight[..., None]).sum(0))
+    return lse
