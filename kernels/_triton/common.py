@@ -17,13 +17,14 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def scaled_logits(s, scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """Raw q.k -> logits in base 2 (natural logits times log2 e), with Gemma-2 style softcapping."""
-    s = s * scale
     if HAS_SOFTCAP:
         # softcap * tanh(s / softcap), tanh from exp (no libdevice, so it also runs in the interpreter)
+        s = s * scale
         e = tl.exp(-2.0 * tl.abs(s / softcap))
         t = (1.0 - e) / (1.0 + e)
         s = softcap * tl.where(s < 0, -t, t)
-    return s * 1.4426950408889634
+        return s * 1.4426950408889634
+    return s * (scale * 1.4426950408889634)
 
 
 @dataclass(frozen=True)

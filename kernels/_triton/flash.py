@@ -21,22 +21,23 @@ def _key_tiles(
     stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap,
     offs_n, offs_d,
     MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     d_ok = offs_d < D
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        c_ok = cols < LK
-        kt = tl.load(
-            k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=c_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=c_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:  # edge tiles may run past Lk
+            c_ok = cols < LK
+            kt = tl.load(k_ptrs, mask=c_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:  # middle tiles lie inside every row's interval, so inside Lk
+            kt = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
@@ -64,7 +65,7 @@ def _flash_fwd(
     stride_rb, stride_rm,
     stride_os, H, LQ, LK, D, SPLIT_KEYS, scale, softcap,
     HAS_SOFTCAP: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -113,17 +114,17 @@ def _flash_fwd(
     acc, l_i, m_i = _key_tiles(
         acc, l_i, m_i, q, k_base, v_base, lo, hi, first, left_end, LK, D,
         stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, offs_n, offs_d,
-        True, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N,
+        True, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, EVEN_D,
     )  # fmt: skip
     acc, l_i, m_i = _key_tiles(
         acc, l_i, m_i, q, k_base, v_base, lo, hi, full_lo, mid_end, LK, D,
         stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, offs_n, offs_d,
-        False, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N,
+        False, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, EVEN_D,
     )  # fmt: skip
     acc, l_i, m_i = _key_tiles(
         acc, l_i, m_i, q, k_base, v_base, lo, hi, right_start, right_end, LK, D,
         stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, offs_n, offs_d,
-        True, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N,
+        True, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, EVEN_D,
     )  # fmt: skip
 
     live = row_ok & (l_i > 0)
@@ -185,7 +186,7 @@ def flash_forward(
         target.stride(0) if splits > 1 else 0, hq, lq, lk, d, split_keys, float(scale), float(softcap or 1.0),
         HAS_SOFTCAP=softcap is not None, STORE_LSE=return_lse or splits > 1, UPCAST=upcast(q.dtype),
         PRECISION=dot_precision(q.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        EVEN_D=t.block_d == d, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     if splits > 1:
         lse = _merge_splits(target, lse, out)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..masking import KeyRanges
-from .common import head_map, range_args, scaled_logits, strides4, tiles, upcast
+from .common import head_map, range_args, scaled_logits, strides4, tiles
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _sink_correction(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_rb, stride_rm, stride_wb, stride_wm,
     H, LQ, D, NUM_SINKS, scale, softcap, beta, guard,
-    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -124,7 +124,7 @@ def sink_correction_forward(
         *strides4(q), *strides4(k), *strides4(v), *strides4(plain_out), *strides4(out),
         srb, srm, weight.stride(0), weight.stride(1),
         hq, lq, d, num_sinks, float(scale), float(softcap or 1.0), float(beta), float(guard),
-        HAS_SOFTCAP=softcap is not None, UPCAST=upcast(q.dtype),
+        HAS_SOFTCAP=softcap is not None,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=t.block_d, num_warps=4, num_stages=2,
     )  # fmt: skip
     return out, mass
