@@ -22,6 +22,8 @@ setup(
         "attnpatch",
         "attnpatch.methods",
         "attnpatch.integrations",
+        "attnpatch.calibrate",
+        "attnpatch.analysis",
         "attnpatch.eval",
         "attnpatch.kernels",
         "attnpatch.kernels._triton",

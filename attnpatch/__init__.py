@@ -9,5 +9,18 @@ patch.remove()                                 # bit-identical to the unpatched 
 from . import methods  # noqa: F401  (registers the built-in methods)
 from ._version import __version__
 from .api import Patch, apply, available_methods, get_patch, patched, remove
+from .calibrate import calibrate
+from .profiles import Profile, ProfileError
 
-__all__ = ["Patch", "__version__", "apply", "available_methods", "get_patch", "patched", "remove"]
+__all__ = [
+    "Patch",
+    "Profile",
+    "ProfileError",
+    "__version__",
+    "apply",
+    "available_methods",
+    "calibrate",
+    "get_patch",
+    "patched",
+    "remove",
+]

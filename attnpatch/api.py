@@ -87,6 +87,9 @@ def _make_config(method: str, options: dict[str, Any]) -> Any:
 def apply(model: nn.Module, method: str, **options: Any) -> Patch:
     """Patch `model`'s attention with `method` ("act", ...) and return the Patch; `patch.remove()` undoes it.
 
+    `profile=` (a Profile or a directory written by `Profile.save`) supplies the calibrated heads and options; it is
+    refused when made for another model or method. Options given explicitly override the profile's.
+
     A model carries at most one patch: applying again raises until the first one is removed (`attnpatch.remove`).
     """
     if not isinstance(method, str) or method not in METHODS:
@@ -97,6 +100,11 @@ def apply(model: nn.Module, method: str, **options: Any) -> Patch:
             f"{type(model).__name__} is already patched ({existing.method.name}); call patch.remove() or "
             "attnpatch.remove(model) first, or use `with attnpatch.patched(model, ...)`"
         )
+    profile = options.pop("profile", None)
+    if profile is not None:
+        from .profiles import resolve
+
+        options = {**resolve(profile, model, method).apply_options(), **options}
     config = _make_config(method, options)
     integration = TransformersIntegration(model)
     method_obj = METHODS[method](config, integration.num_layers, integration.num_heads)
