@@ -1,10 +1,14 @@
-"""The `attnpatch` command: info, demo."""
+"""The `attnpatch` command: info, demo, eval, calibrate."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from typing import Any
+
+DEFAULT_TASKS = "sst2,boolq,piqa,arc_easy,arc_challenge,openbookqa,copa,hellaswag"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +26,115 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--threshold", type=float, default=0.1)
     demo.add_argument("--out", default="attnpatch-out", help="output directory (default: ./attnpatch-out)")
     demo.add_argument("--cache-dir", default=None, help="model cache (default: $ATTNPATCH_CACHE or ~/.cache/attnpatch)")
+    _model_args(ev := sub.add_parser("eval", help="A/B accuracy of unpatched vs patched configurations on tasks"))
+    ev.add_argument("--method", default="act", help="method of the patched configurations (default: act)")
+    ev.add_argument("--profile", action="append", default=[], help="a calibration profile directory (repeatable)")
+    ev.add_argument("--option", action="append", default=[], help="method option KEY=VALUE (JSON value; repeatable)")
+    ev.add_argument("--no-default", action="store_true", help="skip the method with default heads (profiles only)")
+    ev.add_argument("--part", default="eval", help="eval (default), calibration or all")
+    ev.add_argument("--out", default="attnpatch-out/eval", help="output prefix: writes PREFIX.json and PREFIX.md")
+    cal = sub.add_parser("calibrate", help="select the heads where ACT helps; writes a profile directory")
+    _model_args(cal)
+    cal.add_argument("--candidates", default=None, help='"all", or layers like "2-15" (default: layers 2..L-2)')
+    cal.add_argument("--beta", type=float, default=0.4)
+    cal.add_argument("--threshold", type=float, default=0.1)
+    cal.add_argument("--min-visible-rows", type=int, default=1)
+    cal.add_argument("--min-z", type=float, default=1.0, help="gain must exceed this many standard errors")
+    cal.add_argument("--max-heads", type=int, default=None)
+    cal.add_argument("--checkpoint", default=None, help="JSONL of finished candidates; a rerun resumes from it")
+    cal.add_argument("--out", default="attnpatch-out/profile", help="profile directory to write")
     return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gemma-3-270m", help="offline zoo model (attnpatch info lists them)")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated task names (default: {DEFAULT_TASKS})")
+    p.add_argument("--shots", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device-map", default=None, help='e.g. "auto" to spread the model over the visible devices')
+    p.add_argument("--cache-dir", default=None)
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .models import load
+
+    dtype = getattr(torch, args.dtype)
+    model, tok = load(args.model, dtype=dtype, cache_dir=args.cache_dir, device_map=args.device_map)
+    if args.device_map is None and torch.cuda.is_available():
+        model = model.cuda()
+    return model, tok
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--option needs KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _candidates(spec: str | None):
+    if spec is None or spec == "all":
+        return spec
+    lo, _, hi = spec.partition("-")
+    return {layer: "all" for layer in range(int(lo), int(hi or lo) + 1)}
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .eval.runner import evaluate
+    from .profiles import Profile
+
+    model, tok = _load(args)
+    configs: dict[str, Any] = {"unpatched": None}
+    if not args.no_default:
+        configs[args.method] = {"method": args.method, **_options(args.option)}
+    for path in args.profile:
+        configs[f"{args.method} profile {os.path.basename(os.path.normpath(path))}"] = Profile.load(path)
+    tasks = [t for t in args.tasks.split(",") if t]
+    report = evaluate(
+        model, tok, tasks, configs=configs, shots=args.shots, limit=args.limit, part=args.part,
+        batch_size=args.batch_size, model_name=args.model,
+    )  # fmt: skip
+    from .distributed import Processes
+
+    if Processes().main:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        paths = report.save(args.out)
+        print(report.to_markdown())
+        print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+    from .distributed import Processes
+
+    model, tok = _load(args)
+    profile = calibrate(
+        model, tok, [t for t in args.tasks.split(",") if t], method="act", beta=args.beta, threshold=args.threshold,
+        min_visible_rows=args.min_visible_rows, candidates=_candidates(args.candidates), shots=args.shots,
+        limit=args.limit, min_z=args.min_z, max_heads=args.max_heads, batch_size=args.batch_size,
+        checkpoint=args.checkpoint,
+    )  # fmt: skip
+    if Processes().main:
+        profile.save(args.out)
+        meta = profile.metadata
+        print(
+            f"selected {profile.num_heads} heads in layers {sorted(profile.heads)}; calibration score "
+            f"{meta['baseline']['score']:.4f} -> {(meta['calibrated'] or meta['baseline'])['score']:.4f}, accuracy "
+            f"{meta['baseline']['accuracy']:.3f} -> {(meta['calibrated'] or meta['baseline'])['accuracy']:.3f}; "
+            f"{meta['seconds']['total']:.0f} s; profile in {args.out}"
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(report())
         return 0
+    if args.command == "eval":
+        return _run_eval(args)
+    if args.command == "calibrate":
+        return _run_calibrate(args)
     from .demo import run_demo
 
     run_demo(

