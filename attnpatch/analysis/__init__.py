@@ -1,5 +1,6 @@
-"""Attention analysis: sink statistics (more arrives with the analysis issue)."""
+"""Attention analysis: where the sinks are (`sinks`, `SinkAnalysis`) and pictures of them (`sink_heatmap`)."""
 
-from .sinks import SinkReport, find_sinks
+from .plots import sink_heatmap
+from .sink_stats import TOKEN_CLASSES, SinkAnalysis, SinkReport, classify_tokens, find_sinks, sinks
 
-__all__ = ["SinkReport", "find_sinks"]
+__all__ = ["TOKEN_CLASSES", "SinkAnalysis", "SinkReport", "classify_tokens", "find_sinks", "sink_heatmap", "sinks"]

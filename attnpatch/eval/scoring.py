@@ -1,8 +1,9 @@
 """Batched log-likelihood scoring of multiple-choice items with any causal LM and its tokenizer.
 
 Each item's context is tokenized once (with the tokenizer's own leading special tokens, e.g. BOS, but never trailing
-ones) and each option separately, and the ids are concatenated, so the continuation boundary is exact. Rows are right
-padded: real tokens keep their positions and never see a pad. Options whose input is a prefix of another option's input
+ones) and each option separately, and the ids are concatenated, so the continuation boundary is exact. Rows are left
+padded with explicit position ids where the model takes them (else right padded): real tokens keep their positions and
+never see a pad. Options whose input is a prefix of another option's input
 (e.g. single-token answers " no" / " yes") share one row. Rows are sorted by length, and only the logits of
 continuation positions are computed (`logits_to_keep`) and log-softmaxed where the model supports it.
 """
@@ -100,17 +101,29 @@ def _device(model) -> torch.device:
 
 
 def _batch_logprobs(model, rows: list[_Row], pad_id: int, accepted: set[str]) -> list[float]:
-    """Summed log-probs of every target of `rows`, in row then target order, from one padded forward."""
+    """Summed log-probs of every target of `rows`, in row then target order, from one padded forward.
+
+    With `logits_to_keep` and `position_ids` the rows are left padded with explicit positions, so every target sits
+    in the last few positions and only those get vocabulary logits (the lm head of a 262k-token vocabulary costs more
+    than the whole 270M-parameter body otherwise); else they are right padded and all positions get logits.
+    """
     length = max(len(r.ids) for r in rows)
+    left = "logits_to_keep" in accepted and "position_ids" in accepted
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
+    shift = []
     for b, row in enumerate(rows):
-        input_ids[b, : len(row.ids)] = torch.tensor(row.ids)
-        mask[b, : len(row.ids)] = 1
-    device, first = _device(model), min(t.start for r in rows for t in r.targets)
+        pad = length - len(row.ids) if left else 0
+        input_ids[b, pad : pad + len(row.ids)] = torch.tensor(row.ids)
+        mask[b, pad : pad + len(row.ids)] = 1
+        shift.append(pad)
+    device = _device(model)
+    first = min(shift[b] + t.start for b, r in enumerate(rows) for t in r.targets)
     kwargs: dict = {"use_cache": False} if "use_cache" in accepted else {}
+    if left:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0).to(device)
     if "logits_to_keep" in accepted:
-        kwargs["logits_to_keep"] = length - first  # the last positions: right padding puts every target there
+        kwargs["logits_to_keep"] = length - first  # the last positions hold every target
     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs).logits
     if logits.shape[1] not in (length, length - first):
         raise RuntimeError(f"model returned logits for {logits.shape[1]} positions, expected {length}")
@@ -118,8 +131,9 @@ def _batch_logprobs(model, rows: list[_Row], pad_id: int, accepted: set[str]) ->
     b_idx, p_idx, tokens, sizes = [], [], [], []
     for b, row in enumerate(rows):
         for t in row.targets:
+            start = shift[b] + t.start - offset
             b_idx += [b] * len(t.tokens)
-            p_idx += range(t.start - offset, t.start - offset + len(t.tokens))
+            p_idx += range(start, start + len(t.tokens))
             tokens += t.tokens
             sizes.append(len(t.tokens))
     picked = logits[torch.tensor(b_idx, device=device), torch.tensor(p_idx, device=device)].float()
