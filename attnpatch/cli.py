@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--min-visible-rows", type=int, default=1)
     cal.add_argument("--min-z", type=float, default=1.0, help="gain must exceed this many standard errors")
     cal.add_argument("--max-heads", type=int, default=None)
+    cal.add_argument(
+        "--screen-layers", type=int, default=None, help="score whole layers first, then heads of the N best"
+    )
     cal.add_argument("--checkpoint", default=None, help="JSONL of finished candidates; a rerun resumes from it")
     cal.add_argument("--out", default="attnpatch-out/profile", help="profile directory to write")
     return parser
@@ -122,7 +125,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     profile = calibrate(
         model, tok, [t for t in args.tasks.split(",") if t], method="act", beta=args.beta, threshold=args.threshold,
         min_visible_rows=args.min_visible_rows, candidates=_candidates(args.candidates), shots=args.shots,
-        limit=args.limit, min_z=args.min_z, max_heads=args.max_heads, batch_size=args.batch_size,
+        limit=args.limit, min_z=args.min_z, max_heads=args.max_heads, screen_layers=args.screen_layers,
+        batch_size=args.batch_size,
         checkpoint=args.checkpoint,
     )  # fmt: skip
     if Processes().main:

@@ -126,3 +126,13 @@ def test_checkpoint_resumes(planted, tmp_path):
 def test_unknown_calibration_method():
     with pytest.raises(ValueError, match="calibratable methods"):
         attnpatch.calibrate(None, None, [], method="nope")
+
+
+def test_layer_screening_then_heads(planted):
+    model, tok, items = planted
+    profile = attnpatch.calibrate(model, tok, items, candidates="all", screen_layers=1, progress=False, batch_size=4)
+    assert profile.heads == {HELPFUL[0]: [HELPFUL[1]]}
+    screen = profile.metadata["layer_screen"]
+    assert [s["layer"] for s in screen] == [0, 1, 2, 3]
+    assert [s["delta"] > 0 for s in screen] == [False, True, False, False]
+    assert {c["layer"] for c in profile.metadata["candidates"]} == {HELPFUL[0]}

@@ -183,6 +183,7 @@ def calibrate_act(
     seed: int = 0,
     min_z: float = 1.0,
     max_heads: int | None = None,
+    screen_layers: int | None = None,
     batch_size: int = 16,
     checkpoint: str | None = None,
     progress: bool = True,
@@ -191,6 +192,8 @@ def calibrate_act(
 
     tasks: task names (their calibration part is used: `limit` items each, `shots` demonstrations) or Items.
     candidates: None (every head of layers 2..L-2), "all", or {layer: [heads] | "all"}.
+    screen_layers: first score ACT on all candidate heads of each layer at once, then score single heads only in
+    the best `screen_layers` layers that helped (for models with many heads; the default scores every head).
     checkpoint: a JSONL path for resumable partial results.
     """
     options = dict(beta=beta, threshold=threshold, min_visible_rows=min_visible_rows, keep_first_sink=keep_first_sink)
@@ -216,33 +219,44 @@ def calibrate_act(
 
     baseline = runner.run(baseline_context)
     baseline_seconds = time.perf_counter() - started
-    results: list[HeadResult] = []
-    resumed = 0
-    total = sum(len(h) for h in todo.values())
-    cache: list = []
-    cached_layer = 0
-    capture_seconds = 0.0
-    with tqdm(total=total, desc="calibrating heads", unit="head", disable=not progress or processes.rank) as bar:
-        for layer in sorted(todo):
-            missing = [h for h in todo[layer] if (layer, h) not in saved.done]
-            if missing and layer > 0:
-                t0 = time.perf_counter()
-                cache = runner.capture(replay, cached_layer, cache, layer)
-                cached_layer = layer
-                capture_seconds += time.perf_counter() - t0
-            for head in todo[layer]:
-                record = saved.done.get((layer, head))
-                if record is None:
+    state = dict(resumed=0, capture=0.0)
+
+    def sweep(units: dict[int, list[tuple[int, list[int]]]], desc: str) -> list[HeadResult]:
+        """Score each unit (layer, key, heads) with ACT on those heads; key -1 stands for a whole layer."""
+        found: list[HeadResult] = []
+        cache: list = []
+        cached_layer = 0
+        total = sum(len(u) for u in units.values())
+        with tqdm(total=total, desc=desc, unit="cand", disable=not progress or processes.rank) as bar:
+            for layer in sorted(units):
+                if any((layer, key) not in saved.done for key, _ in units[layer]) and layer > 0:
                     t0 = time.perf_counter()
-                    with patched(model, "act", heads={layer: [head]}, **options):
-                        scores = runner.run(_replayed(replay, layer, cache))
-                    seconds = time.perf_counter() - t0
-                    saved.add(layer, head, scores, seconds)
-                else:
-                    scores, seconds = Scores(record["score"], record["correct"]), record["seconds"]
-                    resumed += 1
-                results.append(_paired(scores, baseline, layer, head, seconds))
-                bar.update(1)
+                    cache = runner.capture(replay, cached_layer, cache, layer)
+                    cached_layer = layer
+                    state["capture"] += time.perf_counter() - t0
+                for key, heads in units[layer]:
+                    record = saved.done.get((layer, key))
+                    if record is None:
+                        t0 = time.perf_counter()
+                        with patched(model, "act", heads={layer: heads}, **options):
+                            scores = runner.run(_replayed(replay, layer, cache))
+                        seconds = time.perf_counter() - t0
+                        saved.add(layer, key, scores, seconds)
+                    else:
+                        scores, seconds = Scores(record["score"], record["correct"]), record["seconds"]
+                        state["resumed"] += 1
+                    found.append(_paired(scores, baseline, layer, key, seconds))
+                    bar.update(1)
+        return found
+
+    layer_results: list[HeadResult] = []
+    if screen_layers is not None:
+        layer_results = sweep({layer: [(-1, heads)] for layer, heads in todo.items()}, "screening layers")
+        ranked = sorted(layer_results, key=lambda r: r.z, reverse=True)
+        keep = {r.layer for r in ranked[:screen_layers] if r.delta > 0}
+        todo = {layer: heads for layer, heads in todo.items() if layer in keep}
+    results = sweep({layer: [(h, [h]) for h in heads] for layer, heads in todo.items()}, "calibrating heads")
+    resumed, capture_seconds = state["resumed"], state["capture"]
     chosen, combination = _select(results, min_z=min_z, max_heads=max_heads)
     heads, combined = _best_combination(model, runner, replay, baseline, chosen, options)
     if not heads:
@@ -252,9 +266,13 @@ def calibrate_act(
         meta=dict(
             tasks=names or sorted({i.id.split("/")[0] for i in items}), items=len(items), shots=shots, seed=seed,
             min_z=min_z, max_heads=max_heads, processes=processes.world, resumed=resumed,
+            screen_layers=screen_layers,
+            layer_screen=[dict(layer=r.layer, delta=r.delta, stderr=r.stderr, delta_accuracy=r.delta_accuracy)
+                          for r in layer_results],
             seconds=dict(
                 total=time.perf_counter() - started, baseline=baseline_seconds, capture=capture_seconds,
                 per_candidate=sum(r.seconds for r in results) / max(1, len(results)), candidates=len(results),
+                screening=sum(r.seconds for r in layer_results),
             ),
         ),
     )  # fmt: skip
