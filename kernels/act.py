@@ -86,6 +86,12 @@ def act_attention(
     """
     b, hq, lq, _ = q.shape
     hkv = k.shape[1]
+    if history is not None and history.colsum.shape[-1] > key_offset + k.shape[2]:
+        raise ValueError(
+            f"history covers {history.colsum.shape[-1]} key positions but this call's keys end at "
+            f"key_offset + Lk = {key_offset + k.shape[2]}: key_offset is the absolute position of the first key of "
+            "k (0 for a full KV cache), not the history length"
+        )
     if kv_head_index is None:
         kv_head_index = default_kv_heads(hq, hkv)
     unsupported = "returning the attention probabilities (output_attentions=True)" if return_probs else None

@@ -171,11 +171,12 @@ def padding_ranges(
     positions = torch.arange(1, lk + 1, device=valid.device)
     first = torch.where(valid, positions, lk + 1).amin(-1) - 1  # [B]
     last = torch.where(valid, positions, 0).amax(-1)  # [B], one past the last real key
-    if bool(((last - first) != valid.sum(-1)).any() & (valid.sum(-1) > 0).any()):
+    count = valid.sum(-1)
+    if bool((((last - first) != count) & (count > 0)).any()):
         raise ValueError("padding_ranges needs left or right padding (each row's real tokens in one block)")
     own = torch.arange(lk - lq, lk, device=valid.device)  # absolute position of each query row
     lo = first[:, None].expand(b, lq)
-    hi = last[:, None].expand(b, lq)
+    hi = torch.where(count > 0, last, 0)[:, None].expand(b, lq)
     if causal:
         hi = torch.minimum(hi, own[None, :] + 1)
         if sliding_window is not None:

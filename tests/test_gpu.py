@@ -1,4 +1,4 @@
-"""GPU checks: the Triton kernels at real sizes against our PyTorch path in fp32, and a ~0.9B-parameter random Llama
+"""GPU checks: the Triton kernels at real sizes against our PyTorch path in fp32, and a ~0.85B-parameter random Llama
 patched end to end. Skipped without CUDA.
 
 Tolerance rule of the field (FlashAttention's tests): max |triton_bf16 - ref_fp32| <= 2 * max |torch_bf16 - ref_fp32|
@@ -11,7 +11,6 @@ query rows that see a key; rows that see none (left padding) must be exactly 0.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 
 import pytest
@@ -108,7 +107,7 @@ def eager_low(q, k, v, *, scale, ranges: KeyRanges, sinks=None, beta=1.0, heads_
                 live = valid[:, None, r0:r1, None] & (rest > 0)
                 c = torch.where(live, 1.0 + (1.0 - beta) * mass / rest.clamp_min(1e-30), 1.0)
                 w_sink = torch.where(live, beta, 1.0)
-                p = p * (c + (w_sink - c) * sw)
+                p = p * torch.where(sw > 0, w_sink, c)  # a select: c may be huge where rest is tiny
             out[:, h0:h1, r0:r1] = p.to(q.dtype) @ vh
     return out
 
@@ -159,6 +158,7 @@ def check_attention(mp, *, b, lq, lk, d, pads, kind, device=DEVICE):
     torch.testing.assert_close(lse[rows_h], ref_lse[rows_h], atol=1e-3, rtol=0)
     assert bool(torch.isneginf(lse[~rows_h]).all()), "the LSE of rows that see no key is -inf"
 
+
 @pytest.mark.parametrize(("lk", "d"), [(1024, 128), (4096, 128), (16384, 128), (1024, 256), (4096, 256)])
 def test_attention_prefill(monkeypatch, lk, d):
     check_attention(monkeypatch, b=1, lq=lk, lk=lk, d=d, pads=(0,), kind="causal")
@@ -175,3 +175,275 @@ def test_attention_left_padded(monkeypatch, kind, d):
 @pytest.mark.parametrize("lq", [1, 7])
 def test_attention_decode_and_chunk(monkeypatch, lq, d, kind):
     check_attention(monkeypatch, b=2, lq=lq, lk=4096, d=d, pads=(0, 517), kind=kind)
+
+
+# ------------------------------------------------------------------------------------------------------------- ACT
+
+
+def check_act(mp, *, b, lq, lk, d, pads, kind, device=DEVICE):
+    """ACT with planted sinks: Lq = Lk is a prefill; Lq < Lk continues the statistic of a prefill of the first Lk - Lq
+    positions (decode for Lq = 1, chunked prefill otherwise), each backend with its own history."""
+    q, k, v, hidden = planted(b, lk, lk, d, starts=pads, device=device)  # one query per position
+    am = padding_mask(b, lk, pads, device)
+    act = dict(scale=d**-0.5, beta=BETA, threshold=THRESHOLD, causal=True)
+    mask, ranges = masks(am, lq, kind)
+
+    def run(q, k, v):
+        if lq == lk:
+            return act_attention(q, k, v, mask=mask, **act)
+        p = lk - lq
+        first = act_attention(q[:, :, :p], k[:, :, :p], v[:, :, :p], mask=masks(am[:, :p], p, kind)[0], **act)
+        return act_attention(q[:, :, p:], k, v, mask=mask, history=first.stats, **act)
+
+    mp.setenv(ENV_VAR, "torch")
+    with fp32_matmuls():
+        ref = run(*up(q, k, v))
+    mp.setenv(ENV_VAR, "triton")
+    fast = run(q, k, v)
+
+    planted_sinks = torch.zeros(b, HQ, lk, dtype=torch.bool, device=device)
+    for i in range(b):
+        planted_sinks[i, :, hidden[i]] = True  # the first real key is a sink too, and kept (keep_first_sink)
+    assert torch.equal(ref.sinks, planted_sinks), "the fp32 reference must find exactly the planted hidden sinks"
+    assert torch.equal(fast.sinks, ref.sinks)
+    assert torch.equal(fast.stats.count, ref.stats.count)
+    assert (fast.stats.mean - ref.stats.mean).abs().max().item() <= 1e-3
+
+    qq = q[:, :, lk - lq :]
+    rows = ranges.nonempty()
+    low = eager_low(qq, k, v, scale=d**-0.5, ranges=ranges, sinks=ref.sinks, beta=BETA)
+    assert fast.out.dtype == q.dtype
+    assert_field_rule(fast.out, low, ref.out, rows)
+    plain = eager_low(qq, k, v, scale=d**-0.5, ranges=ranges)
+    assert max_err(ref.out, plain, rows) > 0.25, "ACT must change the output, or the comparison proves little"
+
+
+@pytest.mark.parametrize(("lk", "d"), [(1024, 128), (4096, 128), (16384, 128), (1024, 256), (4096, 256)])
+def test_act_prefill(monkeypatch, lk, d):
+    check_act(monkeypatch, b=1, lq=lk, lk=lk, d=d, pads=(0,), kind="causal")
+
+
+@pytest.mark.parametrize("kind", ["ranges", "hf4d"])
+@pytest.mark.parametrize("d", [128, 256])
+def test_act_left_padded(monkeypatch, kind, d):
+    check_act(monkeypatch, b=2, lq=1536, lk=1536, d=d, pads=(0, 301), kind=kind)
+
+
+@pytest.mark.parametrize("kind", ["ranges", "hf4d"])
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("lq", [1, 7])
+def test_act_decode_and_chunk(monkeypatch, lq, d, kind):
+    check_act(monkeypatch, b=2, lq=lq, lk=4096, d=d, pads=(0, 517), kind=kind)
+
+
+def test_repeated_calls_are_bitwise_equal(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "triton")
+    q, k, v, _ = planted(2, 4096, 4096, 128, starts=(0, 517))
+    mask = padding_ranges(padding_mask(2, 4096, (0, 517)), 4096)
+    first, again = (attention(q, k, v, mask=mask, return_lse=True) for _ in range(2))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    act = dict(scale=128**-0.5, beta=BETA, threshold=THRESHOLD, mask=mask)
+    first, again = (act_attention(q, k, v, **act) for _ in range(2))
+    assert first.sinks.any()
+    assert torch.equal(first.out, again.out) and torch.equal(first.sinks, again.sinks)
+    assert torch.equal(first.stats.colsum, again.stats.colsum)
+    decode = dict(act, mask=padding_ranges(padding_mask(2, 4096, (0, 517)), 1), history=first.stats)  # any history
+    first, again = (act_attention(q[:, :, -1:], k, v, **decode) for _ in range(2))
+    assert torch.equal(first.out, again.out)
+
+
+# ----------------------------------------------------------------------------------------------------- whole model
+
+SINK, SINK_2 = 3, 4  # tokens whose keys attract most of every query's attention in `planted_llama`
+SINK_EMBEDDING, Q_GAIN, K_GAIN = 200.0, 1.0, 1.5
+
+
+def planted_llama(dtype, *, layers=16, device=DEVICE, seed=0):
+    """Random-weight Llama: hidden 2048, `layers` layers (16: ~0.85B parameters), 32 query / 8 kv heads of dim 64,
+    MLP 5632, vocab 32000; sdpa attention. Tokens SINK and SINK_2 attract most of the attention of every query in
+    every layer and head, as a trained model's first token and hidden sinks do: random weights alone give diffuse
+    attention whose column means sit near ACT's threshold, and which keys are sinks would be a coin toss between two
+    backends.
+
+    Hidden dimension 0 carries the sink: SINK_EMBEDDING in the sink tokens' embeddings (large enough to dominate the
+    residual stream's RMS in every layer), 0 in every other token's, and no layer reads or writes it except each k
+    projection, which copies it into the lowest-frequency rotary slot of each kv head (rotation is negligible there).
+    Each q projection puts a constant bias in that slot, so a sink key's logit is raised by about
+    Q_GAIN * K_GAIN * (normalised dimension 0, ~36 to 45) / 8 in every layer and head: the first sink token and the
+    middle one then share ~99% of a later row's attention, column means ~0.74 and ~0.5 against < 0.01 for every other
+    key. The two are different tokens, so their values differ and moving mass from one to the other shows in the
+    logits.
+    """
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=2048, attention_bias=True, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = tf.LlamaForCausalLM(cfg)
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    slot = hd // 2 - 1
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 0.0
+        emb[[SINK, SINK_2], 0] = SINK_EMBEDDING
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                proj.weight[:, 0] = 0.0  # nothing reads dimension 0 ...
+            for proj in (attn.o_proj, mlp.down_proj):
+                proj.weight[0] = 0.0  # ... or writes it
+                if proj.bias is not None:
+                    proj.bias[0] = 0.0
+            for kv in range(cfg.num_key_value_heads):  # ... except the k projection's rotary slot
+                attn.k_proj.weight[kv * hd + slot] = 0.0
+                attn.k_proj.weight[kv * hd + slot, 0] = K_GAIN
+                attn.k_proj.bias[kv * hd + slot] = 0.0
+            for h in range(cfg.num_attention_heads):
+                attn.q_proj.weight[h * hd + slot] = 0.0
+                attn.q_proj.bias[h * hd + slot] = Q_GAIN
+    model.set_attn_implementation("sdpa")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def model_prompts(device=DEVICE):
+    """Two left-padded prompts (48 and 31 tokens), each with SINK first and SINK_2 in the middle; and the middle
+    positions."""
+    from tiny_models import left_padded_batch
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (48, 31):
+        tokens = torch.randint(10, 32000, (n,), generator=g).tolist()
+        tokens[0], tokens[n // 2] = SINK, SINK_2
+        rows.append(tokens)
+    ids, mask = left_padded_batch(rows)
+    width = ids.shape[1]
+    middle = [width - n + n // 2 for n in (48, 31)]
+    return ids.to(device), mask.to(device), middle
+
+
+def logits_of(model, ids, mask):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits.float()
+
+
+def eager_sdpa_gap(model, ids, mask):
+    """(sdpa logits, max |eager - sdpa| over real positions): how far two correct attention implementations at the
+    model's dtype drift apart through the whole model; the scale of a tolerance for a third one."""
+    model.set_attn_implementation("eager")
+    try:
+        eager = logits_of(model, ids, mask)
+    finally:
+        model.set_attn_implementation("sdpa")
+    base = logits_of(model, ids, mask)
+    return base, (eager - base)[mask.bool()].abs().max().item()
+
+
+def assert_same_generation(base, other, prompt_len, tol, eos):
+    """Per sequence, up to its first differing token (if any): every step's logits agree within `tol` (the decode
+    path: KV cache, running statistic), and the step where the tokens part is a near tie of the unpatched model
+    (top-2 margin <= 2 tol, so a difference of tol in each logit may break it)."""
+    steps = min(len(base.logits), len(other.logits))
+    for row in range(base.sequences.shape[0]):
+        for t in range(steps):
+            diff = (other.logits[t][row].float() - base.logits[t][row].float()).abs().max().item()
+            assert diff <= tol, f"row {row}, step {t}: logits differ by {diff:.3g} > {tol:.3g}"
+            a, b = base.sequences[row, prompt_len + t].item(), other.sequences[row, prompt_len + t].item()
+            if a != b:
+                logits = base.logits[t][row].float().clone()
+                logits[eos] = float("-inf")  # min_new_tokens keeps eos out of greedy's choice
+                top = logits.topk(2).values
+                margin = (top[0] - top[1]).item()
+                assert margin <= 2 * tol, f"row {row}, step {t}: token {b} instead of {a}, top-2 margin {margin:.3g}"
+                break
+
+
+@pytest.fixture(scope="module")
+def llama_bf16():
+    model = planted_llama(torch.bfloat16)
+    yield model
+    del model
+    torch.cuda.empty_cache()
+
+
+def check_model_identity(mp, model, *, max_new_tokens=16, device=DEVICE):
+    """ACT with beta = 1 on every head (Triton path) gives the unpatched logits within twice the eager-vs-sdpa drift
+    + 0.01, in the prompt pass and at every greedy decoding step, the same greedy tokens up to near ties, and remove()
+    restores the unpatched logits bit for bit."""
+    ids, mask, _ = model_prompts(device)
+    base, gap = eager_sdpa_gap(model, ids, mask)
+    tol = 2 * gap + 1e-2
+    gen = dict(
+        attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=0, return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        base_gen = model.generate(ids, **gen)
+        mp.setenv(ENV_VAR, "triton")
+        patch = attnpatch.apply(model, "act", beta=1.0, heads="all")
+        try:
+            logits = logits_of(model, ids, mask)
+            sinks_found = any(bool(s.any()) for s in patch.method.last_sinks.values())
+            patched_gen = model.generate(ids, **gen)
+        finally:
+            assert attnpatch.remove(model)
+        mp.delenv(ENV_VAR)
+        after = logits_of(model, ids, mask)
+    assert sinks_found, "the planted sinks must be found (with beta = 1 they change nothing)"
+    diff = (logits - base)[mask.bool()].abs().max().item()
+    assert diff <= tol, f"beta=1 logits differ by {diff:.3g} > {tol:.3g} (eager vs sdpa: {gap:.3g})"
+    assert_same_generation(base_gen, patched_gen, ids.shape[1], tol, model.config.eos_token_id)
+    assert torch.equal(after, base), "remove() must restore the unpatched model bit for bit"
+
+
+def check_model_backends_agree(mp, model, *, rel_tol=None, device=DEVICE):
+    """ACT (beta 0.4, every head) through the Triton kernels and through the PyTorch path: the same sinks in every
+    layer (exactly the middle sink token of each prompt; the first one is kept), and logits within `rel_tol` times the
+    largest logit when given (fp32), else (bf16) within 3 x the eager-vs-sdpa drift + 0.01: the field's factor 2 on
+    the drift of two correct bf16 attention implementations, times 1.6 for ACT's correction, which multiplies the
+    non-sink part of a row's output, rounding included, by c = (1 - beta S) / (1 - S) = 1.6 at this model's S ~ 0.5."""
+    ids, mask, middle = model_prompts(device)
+    base, gap = eager_sdpa_gap(model, ids, mask)
+    tol = 3 * gap + 1e-2 if rel_tol is None else rel_tol * base.abs().max().item()
+    runs = {}
+    with attnpatch.patched(model, "act", beta=BETA, heads="all") as patch:
+        for path in ("torch", "triton"):
+            mp.setenv(ENV_VAR, path)
+            with fp32_matmuls():
+                logits = logits_of(model, ids, mask)
+            runs[path] = logits, {layer: s.clone() for layer, s in patch.method.last_sinks.items()}
+    mp.delenv(ENV_VAR)
+    (ref, ref_sinks), (fast, fast_sinks) = runs["torch"], runs["triton"]
+    assert set(ref_sinks) == set(fast_sinks) == set(range(model.config.num_hidden_layers))
+    for layer, sinks in ref_sinks.items():
+        expected = torch.zeros_like(sinks)
+        for row, pos in enumerate(middle):
+            expected[row, :, pos] = True
+        assert torch.equal(sinks, expected), f"layer {layer}: the reference must find the planted sinks"
+        assert torch.equal(fast_sinks[layer], sinks), f"layer {layer}: Triton and PyTorch sinks differ"
+    real = mask.bool()
+    diff = (fast - ref)[real].abs().max().item()
+    changed = (ref - base)[real].abs().max().item()
+    assert diff <= tol, f"Triton vs PyTorch ACT logits differ by {diff:.3g} > {tol:.3g} (eager vs sdpa: {gap:.3g})"
+    assert changed > 2 * tol, f"ACT must change the logits by more than the tolerance ({changed:.3g})"
+
+
+def test_model_identity_and_remove(monkeypatch, llama_bf16):
+    check_model_identity(monkeypatch, llama_bf16)
+
+
+def test_model_act_backends_agree_bf16(monkeypatch, llama_bf16):
+    check_model_backends_agree(monkeypatch, llama_bf16)
+
+
+def test_model_act_backends_agree_fp32(monkeypatch):
+    model = planted_llama(torch.float32)
+    try:
+        check_model_backends_agree(monkeypatch, model, rel_tol=1e-3)
+    finally:
+        del model
+        torch.cuda.empty_cache()

@@ -268,3 +268,12 @@ def test_split_kv_decode_merges_exactly(triton_backend, lq, splits):
     ref_out, ref_lse = reference.attention(q, k, v, scale=0.2, mask=ranges)
     assert (out.double() - ref_out).abs().max() <= 1e-5
     assert (lse.double() - ref_lse).abs().max() <= 1e-5
+
+
+def test_padding_ranges_with_an_empty_row_and_bad_key_offset():
+    ranges = padding_ranges(torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 1, 1]]), 4)
+    assert ranges.nonempty().tolist() == [[True] * 4, [False] * 4, [False, False, True, True]]
+    q = torch.randn(1, 2, 1, 8)
+    history = ColumnStats(colsum=torch.rand(1, 2, 9), count=torch.ones(1, 1, 9))
+    with pytest.raises(ValueError, match="key_offset is the absolute position"):
+        act_attention(q, q.repeat(1, 1, 5, 1), q.repeat(1, 1, 5, 1), history=history, key_offset=3, **ACT)
