@@ -7,7 +7,7 @@ import os
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("ATTNPATCH_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 VOCAB = 64
 SINK_TOKEN = 7  # token ids whose keys attract every query in `planted_sink_model`

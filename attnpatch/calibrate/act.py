@@ -144,6 +144,7 @@ class _Checkpoint:
                 if writer:
                     os.remove(path)
         if path and writer and not os.path.isfile(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
                 f.write(json.dumps({"key": key}) + "\n")
 
