@@ -29,7 +29,7 @@ from .blocks import (
     visible_count,
 )
 from .column_mass import ColumnStats
-from .masking import KeyRanges, ranges_visible_count, visible_rows
+from .masking import KeyRanges, query_rows, ranges_visible_count
 
 # Rows whose non-sink mass 1 - S is below this are recomputed exactly on the Triton path (the closed form divides
 # the rounding error of o - A_S by 1 - S).
@@ -98,9 +98,7 @@ def act_attention(
     path, ranges = backend.plan(
         "act_attention", q, (k, v), mask, causal=causal, sliding_window=sliding_window, unsupported=unsupported
     )
-    if query_valid is None:
-        query_valid = visible_rows(ranges if ranges is not None else mask, b, lq, q.device)
-    query_valid = query_valid.to(q.device).expand(b, lq)
+    query_valid = query_rows(query_valid, ranges if ranges is not None else mask, b, lq, q.device)
     select = dict(threshold=threshold, min_visible_rows=min_visible_rows, keep_first_sink=keep_first_sink)
     if path == "triton":
         return _act_triton(

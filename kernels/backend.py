@@ -62,7 +62,7 @@ def triton_unusable(device: torch.device) -> str | None:
     return f"the tensors are on {device.type}, and Triton runs on CUDA (or on CPU with TRITON_INTERPRET=1)"
 
 
-def tensor_support(op: str, q: torch.Tensor, *others: torch.Tensor) -> str | None:
+def tensor_support(q: torch.Tensor, *others: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take these q/k/v tensors, or None when they can."""
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
@@ -142,7 +142,7 @@ def plan(
     want = requested()
     if want == "torch" or (want == "auto" and q.device.type != "cuda"):
         return "torch", None
-    reason = unsupported or tensor_support(op, q, *others)
+    reason = unsupported or tensor_support(q, *others)
     ranges = None
     if reason is None:
         b, _, lq, _ = q.shape

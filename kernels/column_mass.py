@@ -18,7 +18,7 @@ from .blocks import (
     take_heads,
     visible_count,
 )
-from .masking import KeyRanges, ranges_visible_count, visible_rows
+from .masking import KeyRanges, query_rows, ranges_visible_count
 
 
 @dataclass
@@ -55,9 +55,7 @@ def column_mass(
     b, hq, lq, _ = q.shape
     lk = k.shape[2]
     path, ranges = backend.plan("column_mass", q, (k,), mask, causal=causal, sliding_window=sliding_window)
-    if query_valid is None:
-        query_valid = visible_rows(ranges if ranges is not None else mask, b, lq, q.device)
-    query_valid = query_valid.to(q.device).expand(b, lq)
+    query_valid = query_rows(query_valid, ranges if ranges is not None else mask, b, lq, q.device)
     if path == "triton":
         from ._triton.column_mass import column_mass_forward
 

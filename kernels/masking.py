@@ -84,6 +84,15 @@ def block_bias_and_visibility(
     return block.float(), _visible(block)
 
 
+def query_rows(
+    query_valid: torch.Tensor | None, mask: torch.Tensor | KeyRanges | None, batch: int, lq: int, device: torch.device
+) -> torch.Tensor:
+    """[B, Lq] bool rows that count: `query_valid` when given, else the rows that see a key."""
+    if query_valid is None:
+        query_valid = visible_rows(mask, batch, lq, device)
+    return query_valid.to(device).expand(batch, lq)
+
+
 def visible_rows(mask: torch.Tensor | KeyRanges | None, batch: int, lq: int, device: torch.device) -> torch.Tensor:
     """[B, Lq] bool: query rows that see at least one key (rows of left padding see none)."""
     if mask is None:

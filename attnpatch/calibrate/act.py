@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..api import patched
 from ..distributed import Processes
-from ..eval.scoring import _batch_logprobs, _build_rows, _forward_kwargs
+from ..eval.scoring import BatchedRows
 from ..eval.tasks import Item, load_task
 from ..integrations.transformers import TransformersIntegration
 from ..methods.act import ACTConfig
@@ -85,28 +85,14 @@ class _Runner:
     """Scores the local shard of items under a context, batch by batch, and gathers the results."""
 
     def __init__(self, model, tokenizer, items: list[Item], batch_size: int, processes: Processes):
-        self.model = model
         self.processes = processes
         self.indices = processes.shard(len(items))
-        self.items = [items[i] for i in self.indices]
-        rows, _ = _build_rows(tokenizer, self.items)
-        self.batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self.accepted = _forward_kwargs(model)
+        self.rows = BatchedRows(model, tokenizer, [items[i] for i in self.indices], batch_size)
 
-    def forward(self, batch) -> list[float]:
-        return _batch_logprobs(self.model, batch, self.pad_id, self.accepted)
-
-    def run(self, context: Callable[[int], contextlib.AbstractContextManager]) -> Scores:
-        logprobs = [[0.0] * len(item.options) for item in self.items]
-        with torch.inference_mode():
-            for b, batch in enumerate(self.batches):
-                with context(b):
-                    values = iter(self.forward(batch))
-                for row in batch:
-                    for t in row.targets:
-                        logprobs[t.item][t.option] = next(values)
-        local = [(i, *_item_score(lp, item)) for i, lp, item in zip(self.indices, logprobs, self.items, strict=True)]
+    def run(self, context: Callable[[int], contextlib.AbstractContextManager] | None = None) -> Scores:
+        logprobs = self.rows.logprobs(context)
+        items = self.rows.items
+        local = [(i, *_item_score(lp, item)) for i, lp, item in zip(self.indices, logprobs, items, strict=True)]
         merged = sorted(self.processes.gather(local))
         return Scores(score=[s for _, s, _ in merged], correct=[c for _, _, c in merged])
 
@@ -114,10 +100,10 @@ class _Runner:
         """Inputs of decoder layer `layer` for every batch, computed from `cache` (inputs of layer `start`)."""
         out: list = []
         with torch.inference_mode():
-            for b, batch in enumerate(self.batches):
+            for b, batch in enumerate(self.rows.batches):
                 store: list = []
                 with replay.start_at(start, cache[b] if cache else None), replay.capture_input(layer, store):
-                    self.forward(batch)
+                    self.rows.forward(batch)
                 out.append(store[0])
         return out
 
@@ -215,10 +201,7 @@ def calibrate_act(
     saved = _Checkpoint(checkpoint, key, writer=processes.rank == 0)
     started = time.perf_counter()
 
-    def baseline_context(b: int):
-        return contextlib.nullcontext()
-
-    baseline = runner.run(baseline_context)
+    baseline = runner.run()
     baseline_seconds = time.perf_counter() - started
     state = dict(resumed=0, capture=0.0)
 
@@ -259,7 +242,7 @@ def calibrate_act(
     results = sweep({layer: [(h, [h]) for h in heads] for layer, heads in todo.items()}, "calibrating heads")
     resumed, capture_seconds = state["resumed"], state["capture"]
     chosen, combination = _select(results, min_z=min_z, max_heads=max_heads)
-    heads, combined = _best_combination(model, runner, replay, baseline, chosen, options)
+    heads, combined = _best_combination(model, runner, baseline, chosen, options)
     if not heads:
         logger.warning("attnpatch calibrate: no head combination beat the baseline; the profile selects no head")
     return _profile(
@@ -293,7 +276,7 @@ def _select(results: list[HeadResult], *, min_z: float, max_heads: int | None) -
     return kept, rule
 
 
-def _best_combination(model, runner: _Runner, replay: Replay, baseline: Scores, chosen: list[HeadResult], options):
+def _best_combination(model, runner: _Runner, baseline: Scores, chosen: list[HeadResult], options):
     """The top-k prefix of `chosen` (k halving from all) whose joint application scores best above the baseline."""
     best: tuple[dict[int, list[int]], Scores | None] = ({}, None)
     best_mean = baseline.mean
@@ -306,7 +289,7 @@ def _best_combination(model, runner: _Runner, replay: Replay, baseline: Scores, 
             for r in chosen[:k]:
                 heads.setdefault(r.layer, []).append(r.head)
             with patched(model, "act", heads=heads, **options):
-                scores = runner.run(lambda b: contextlib.nullcontext())
+                scores = runner.run()
             if scores.mean > best_mean:
                 best, best_mean = ({layer: sorted(h) for layer, h in heads.items()}, scores), scores.mean
         k //= 2

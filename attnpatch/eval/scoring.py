@@ -10,8 +10,9 @@ continuation positions are computed (`logits_to_keep`) and log-softmaxed where t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -141,21 +142,40 @@ def _batch_logprobs(model, rows: list[_Row], pad_id: int, accepted: set[str]) ->
     return [float(s.sum()) for s in token_lp.split(sizes)]
 
 
+class BatchedRows:
+    """Items turned into the scorer's rows once, in fixed batches, scored under any per-batch context (calibration
+    replays cached layers per batch, so the batches must be the same on every pass)."""
+
+    def __init__(self, model, tokenizer, items: Sequence[Item], batch_size: int):
+        self.model, self.items = model, list(items)
+        rows, self.n_tokens = _build_rows(tokenizer, self.items)
+        self.batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.accepted = _forward_kwargs(model)
+
+    def forward(self, batch: list[_Row]) -> list[float]:
+        """Log-probs of the targets of one batch (row then target order)."""
+        return _batch_logprobs(self.model, batch, self.pad_id, self.accepted)
+
+    def logprobs(self, context: Callable[[int], contextlib.AbstractContextManager] | None = None, progress=False):
+        """Summed log-prob of every option of every item; batch b runs inside `context(b)` when given."""
+        logprobs = [[0.0] * len(item.options) for item in self.items]
+        total = sum(len(batch) for batch in self.batches)
+        with torch.inference_mode(), tqdm(total=total, desc="scoring", unit="seq", disable=not progress) as bar:
+            for b, batch in enumerate(self.batches):
+                with context(b) if context else contextlib.nullcontext():
+                    values = iter(self.forward(batch))
+                for row in batch:
+                    for t in row.targets:
+                        logprobs[t.item][t.option] = next(values)
+                bar.update(len(batch))
+        return logprobs
+
+
 def _score(model, tokenizer, items: Sequence[Item], batch_size: int, progress: bool):
     """(summed log-prob, token count) of every option of every item."""
-    rows, n_tokens = _build_rows(tokenizer, items)
-    logprobs = [[0.0] * len(item.options) for item in items]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    accepted = _forward_kwargs(model)
-    with torch.inference_mode(), tqdm(total=len(rows), desc="scoring", unit="seq", disable=not progress) as bar:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            values = iter(_batch_logprobs(model, batch, pad_id, accepted))
-            for row in batch:
-                for t in row.targets:
-                    logprobs[t.item][t.option] = next(values)
-            bar.update(len(batch))
-    return logprobs, n_tokens
+    rows = BatchedRows(model, tokenizer, items, batch_size)
+    return rows.logprobs(progress=progress), rows.n_tokens
 
 
 def option_logprobs(model, tokenizer, items: Sequence[Item], *, batch_size: int = 16, progress: bool = True):

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..masking import KeyRanges
-from .common import dot_precision, head_map, range_args, scaled_logits, strides4, tiles, upcast
+from .common import dot_precision, head_map, range_args, row_ranges, scaled_logits, strides4, tiles, upcast
 
 
 @triton.jit
@@ -46,8 +46,7 @@ def _column_mass(
     for start_m in range(0, LQ, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         m_ok = rows < LQ
-        lo = tl.load(LO + b * stride_rb + rows * stride_rm, mask=m_ok, other=0)
-        hi = tl.load(HI + b * stride_rb + rows * stride_rm, mask=m_ok, other=0)
+        lo, hi = row_ranges(LO, HI, b, rows, m_ok, stride_rb, stride_rm)
         w = tl.load(W + b * stride_wb + rows * stride_wm, mask=m_ok, other=0.0)
         sees = (lo < n_start + BLOCK_N) & (hi > n_start) & (lo < hi) & (w > 0)
         if tl.max(sees.to(tl.int32), 0) > 0:

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
+from ..blocks import default_kv_heads
 from ..masking import KeyRanges
 
 LOG2E = 1.4426950408889634
@@ -25,6 +26,14 @@ def scaled_logits(s, scale, softcap, HAS_SOFTCAP: tl.constexpr):
         s = softcap * tl.where(s < 0, -t, t)
         return s * 1.4426950408889634
     return s * (scale * 1.4426950408889634)
+
+
+@triton.jit
+def row_ranges(LO, HI, b, rows, row_ok, stride_rb, stride_rm):
+    """Each row's visible key interval [lo, hi); rows outside the block's range get the empty [0, 0)."""
+    lo = tl.load(LO + b * stride_rb + rows * stride_rm, mask=row_ok, other=0)
+    hi = tl.load(HI + b * stride_rb + rows * stride_rm, mask=row_ok, other=0)
+    return lo, hi
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,5 @@ def range_args(ranges: KeyRanges) -> tuple[torch.Tensor, torch.Tensor, int, int]
 def head_map(kv_head_index: torch.Tensor | None, hq: int, hkv: int, device: torch.device) -> torch.Tensor:
     """[Hq] int32 kv head of each query head (default: consecutive groups of Hq / Hkv heads)."""
     if kv_head_index is None:
-        if hq % hkv:
-            raise ValueError(f"{hq} query heads cannot share {hkv} kv heads evenly; pass kv_head_index")
-        kv_head_index = torch.arange(hq) // (hq // hkv)
+        kv_head_index = default_kv_heads(hq, hkv)
     return kv_head_index.to(device=device, dtype=torch.int32)

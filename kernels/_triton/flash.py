@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..masking import KeyRanges
-from .common import dot_precision, head_map, range_args, scaled_logits, strides4, tiles, upcast
+from .common import dot_precision, head_map, range_args, row_ranges, scaled_logits, strides4, tiles, upcast
 
 
 @triton.jit
@@ -81,8 +81,7 @@ def _flash_fwd(
     m_ok = offs_m < LQ
     d_ok = offs_d < D
 
-    lo = tl.load(LO + b * stride_rb + offs_m * stride_rm, mask=m_ok, other=0)
-    hi = tl.load(HI + b * stride_rb + offs_m * stride_rm, mask=m_ok, other=0)
+    lo, hi = row_ranges(LO, HI, b, offs_m, m_ok, stride_rb, stride_rm)
     row_ok = m_ok & (lo < hi)
     lo_min = tl.min(tl.where(row_ok, lo, LK), 0)
     lo_max = tl.max(tl.where(row_ok, lo, 0), 0)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..masking import KeyRanges
-from .common import head_map, range_args, scaled_logits, strides4, tiles
+from .common import head_map, range_args, row_ranges, scaled_logits, strides4, tiles
 
 
 @triton.jit
@@ -39,8 +39,7 @@ def _sink_correction(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = rows < LQ
     d_ok = offs_d < D
-    lo = tl.load(LO + b * stride_rb + rows * stride_rm, mask=m_ok, other=0)
-    hi = tl.load(HI + b * stride_rb + rows * stride_rm, mask=m_ok, other=0)
+    lo, hi = row_ranges(LO, HI, b, rows, m_ok, stride_rb, stride_rm)
     w = tl.load(W + b * stride_wb + rows * stride_wm, mask=m_ok, other=0.0)
     valid = m_ok & (lo < hi) & (w > 0)
     lse = tl.load(LSE + bh * LQ + rows, mask=m_ok, other=0.0) * 1.4426950408889634
