@@ -106,8 +106,9 @@ def apply(model: nn.Module, method: str, **options: Any) -> Patch:
 
         options = {**resolve(profile, model, method).apply_options(), **options}
     config = _make_config(method, options)
-    integration = TransformersIntegration(model)
+    integration = TransformersIntegration(model, scope=METHODS[method].scope)
     method_obj = METHODS[method](config, integration.num_layers, integration.num_heads)
+    method_obj.check_model(integration)
     patch = Patch(model, method_obj, integration)
     patch._attach()
     return patch

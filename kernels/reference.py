@@ -131,3 +131,68 @@ def act(
                 calibrated[bi, h, i, ~cols] = row[~cols] + (1 - beta) * s * row[~cols] / rest
     vv = v.double().repeat_interleave(hq // v.shape[1], dim=1)
     return {"out": calibrated @ vv, "probs": calibrated, "colsum": colsum, "count": count, "sinks": sinks}
+
+
+def var(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    sinks: torch.Tensor,
+    image: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    keep_fraction: float = 0.6,
+    rho: float = 0.5,
+    summ: float = 0.2,
+    convention: str = "paper",
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """VAR (Kang et al., ICLR 2025) on materialised probabilities, one (sequence, head, row) at a time.
+
+    sinks, image [B, Lk] bool: sink tokens (from the residual stream) and image tokens among the keys. rows [B, Lq]:
+    the rows VAR may change (text after the image; default every row that sees a key). A sequence without a visual
+    sink (sink and image) is left alone. A row is image-centric when its image mass V >= summ and, by `convention`,
+    "paper": the non-sink share of its image attention W / V >= rho; "code" (the released code): the visual-sink
+    portion Vs / sum_img(p + 1e-6) <= rho. Selected rows (with W > 0) scale every sink's probability (text or
+    visual) by keep_fraction and give the freed mass to the non-sink image keys in proportion.
+
+    Returns out [B, Hq, Lq, D], probs (redistributed) [B, Hq, Lq, Lk] (float64) and selected [B, Hq, Lq] (bool).
+    """
+    b, hq, lq, _ = q.shape
+    logits, visible = _masked_logits(
+        q, k, scale=scale, mask=mask, causal=causal, sliding_window=sliding_window, softcap=softcap
+    )
+    probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    if rows is None:
+        rows = visible.any(-1).all(1).expand(b, lq)
+    new = probs.clone()
+    selected = torch.zeros(b, hq, lq, dtype=torch.bool, device=q.device)
+    for bi in range(b):
+        snk, img = sinks[bi], image[bi]
+        if not bool((snk & img).any()):
+            continue
+        n_img = int(img.sum())
+        for h in range(hq):
+            for i in range(lq):
+                if not rows[bi, i]:
+                    continue
+                p = probs[bi, h, i]
+                mass_img = p[img].sum()
+                w = p[img & ~snk].sum()
+                if convention == "paper":
+                    centric = mass_img > 0 and w / mass_img >= rho
+                else:
+                    centric = p[img & snk].sum() / (mass_img + n_img * 1e-6) <= rho
+                if not (centric and mass_img >= summ and w > 0):
+                    continue
+                selected[bi, h, i] = True
+                budget = (1 - keep_fraction) * p[snk].sum()
+                new[bi, h, i, snk] = keep_fraction * p[snk]
+                ins = img & ~snk
+                new[bi, h, i, ins] = p[ins] + budget * p[ins] / w
+    vv = v.double().repeat_interleave(hq // v.shape[1], dim=1)
+    return {"out": new @ vv, "probs": new, "selected": selected}

@@ -102,3 +102,54 @@ def left_padded_batch(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor
         ids[i, width - len(row) :] = torch.tensor(row)
         mask[i, width - len(row) :] = 1
     return ids, mask
+
+
+IMAGE_TOKEN = 5  # image placeholder id of `tiny_llava`
+BOS = 1
+SINK_DIMS = (3, 517)  # hidden dimensions carrying planted massive activations in `tiny_llava`
+IMAGE_TOKENS = 16  # features per image: (32 / 8)^2 patches, CLS dropped
+
+
+def tiny_llava(seed: int = 0, plant_sinks: bool = True, num_layers: int = 5) -> torch.nn.Module:
+    """A random LLaVA (CLIP vision tower + Llama text model, GQA) with 16 image tokens per 32x32 image.
+
+    With `plant_sinks`, BOS and the 6th feature of every image carry massive activations on SINK_DIMS in the residual
+    stream (the BOS embedding and the projector output are scaled there), like the visual sinks VAR targets.
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = tf.LlamaConfig(  # wide enough that two dims can reach |x[d]| / RMS(x) > 20 (at most sqrt(hidden / 2))
+        hidden_size=1024,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=BOS,
+    )
+    cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
+    model = tf.LlavaForConditionalGeneration(cfg).eval()
+    if plant_sinks:
+        dims = list(SINK_DIMS)
+        with torch.no_grad():
+            model.model.language_model.embed_tokens.weight[BOS, dims] = 40.0
+
+        def visual_sink(_module, _args, output):
+            output = output.clone()
+            output[:, 5, dims] = 40.0
+            return output
+
+        model.model.multi_modal_projector.register_forward_hook(visual_sink)
+    return model
+
+
+def llava_prompt(before: list[int], after: list[int], images: int = 1) -> list[int]:
+    """BOS, `before`, then the image placeholder tokens of `images` images, then `after`."""
+    return [BOS, *before, *([IMAGE_TOKEN] * IMAGE_TOKENS * images), *after]

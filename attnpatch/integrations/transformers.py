@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..methods.base import AttentionCall
+from .multimodal import image_positions, image_token_id, language_model
 
 if TYPE_CHECKING:
     from ..api import Patch
@@ -93,11 +94,13 @@ def _base_function(module: nn.Module, base: str) -> Callable:
 
 @dataclass
 class ForwardContext:
-    """What the backbone's forward was called with: tokens already in the cache and the 2-D padding mask."""
+    """What the backbone's forward was called with: tokens already in the cache, the 2-D padding mask, and the image
+    positions among this forward's tokens (None when the model has no image token or the call gave no input_ids)."""
 
     past_length: int = 0
     attention_mask: torch.Tensor | None = None
     cache_kind: str = "none"
+    image_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -172,15 +175,20 @@ def _cache_kind(cache: Any) -> str:
 class TransformersIntegration:
     """Attach a Patch to a transformers model through the attention registry; `detach` undoes every change."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, scope: str = "model"):
         try:
             from transformers import PreTrainedModel
         except ImportError as exc:  # pragma: no cover - transformers is a core dependency
             raise _unsupported(model, "transformers is not installed") from exc
         if not isinstance(model, PreTrainedModel):
             raise _unsupported(model, "it is not a transformers PreTrainedModel")
+        if scope not in ("model", "language"):
+            raise ValueError(f"scope must be 'model' or 'language', got {scope!r}")
         self.model = model
-        self.modules = attention_modules(model)
+        self.scope = scope
+        self.root = language_model(model) if scope == "language" else model
+        self.image_token_id = image_token_id(model)
+        self.modules = attention_modules(self.root)
         if not self.modules:
             raise _unsupported(model, "none of its modules calls the AttentionInterface")
         if hasattr(type(model), "_can_set_attn_implementation") and not model._can_set_attn_implementation():
@@ -204,6 +212,12 @@ class TransformersIntegration:
     @property
     def num_heads(self) -> list[int]:
         return [_num_query_heads(module) for _, module in self.modules]
+
+    @property
+    def hidden_size(self) -> int | None:
+        config = getattr(self.model, "config", None)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(config, "hidden_size", None)
 
     def _configs_of_modules(self) -> list[Any]:
         configs: dict[int, Any] = {}
@@ -247,20 +261,40 @@ class TransformersIntegration:
             cache = bound.get("cache", bound.get("past_key_values"))
             past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
             mask = bound.get("attention_mask")
+            ids = bound.get("input_ids")
+            images = None
+            if self.image_token_id is not None and isinstance(ids, torch.Tensor):
+                images = image_positions(ids, self.image_token_id)
             patch.context = ForwardContext(
                 past_length=past,
                 attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
                 cache_kind=_cache_kind(cache),
+                image_mask=images,
             )
-            if past == 0:
-                patch.method.reset()
+            patch.method.start_forward(patch.context)
 
         def clear_context(_module, _args, _output):
             patch.context = None
 
         self._handles.append(backbone.register_forward_pre_hook(record_context, with_kwargs=True))
         self._handles.append(backbone.register_forward_hook(clear_context))
+        if patch.method.reads_layer_inputs:
+            self._hook_layer_inputs(patch)
         self._set_implementation(lambda base: NAME_PREFIX + base)
+
+    def _hook_layer_inputs(self, patch: Patch) -> None:
+        """Hand the residual stream entering each selected decoder layer to the method."""
+        from ..calibrate.replay import decoder_layers
+
+        for layer, module in enumerate(decoder_layers(self.root)):
+            if layer not in patch.selected_layers:
+                continue
+
+            def observe(_module, args, kwargs, layer=layer):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                patch.method.observe_layer_input(layer, hidden, patch.context or ForwardContext())
+
+            self._handles.append(module.register_forward_pre_hook(observe, with_kwargs=True))
 
     def detach(self) -> None:
         self._set_implementation(lambda name: name.removeprefix(NAME_PREFIX))

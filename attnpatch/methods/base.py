@@ -43,6 +43,8 @@ class Method:
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    scope: ClassVar[str] = "model"  # "language": patch only the language model of a vision-language model
+    reads_layer_inputs: ClassVar[bool] = False  # True: observe_layer_input gets each selected layer's residual stream
 
     def __init__(self, config: Any, num_layers: int, num_heads: list[int]):
         self.config = config
@@ -56,6 +58,18 @@ class Method:
     def attend(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Return (out [B, Lq, Hq, D], weights or None), or None to use the base function unchanged."""
         raise NotImplementedError
+
+    def check_model(self, model_info: Any) -> None:
+        """Refuse a model the method cannot run on (`model_info` is the integration: hidden_size, image_token_id)."""
+
+    def start_forward(self, context: Any) -> None:
+        """A forward of the backbone begins (`context`: past_length, attention_mask, image_mask); a forward with an
+        empty cache starts a new sequence."""
+        if context.past_length == 0:
+            self.reset()
+
+    def observe_layer_input(self, layer: int, hidden: torch.Tensor, context: Any) -> None:
+        """The residual stream [B, L, hidden] entering decoder layer `layer` (only when `reads_layer_inputs`)."""
 
     def reset(self) -> None:
         """Forget per-sequence state (a new sequence starts)."""

@@ -83,3 +83,52 @@ def head_map(kv_head_index: torch.Tensor | None, hq: int, hkv: int, device: torc
     if kv_head_index is None:
         kv_head_index = default_kv_heads(hq, hkv)
     return kv_head_index.to(device=device, dtype=torch.int32)
+
+
+@triton.jit
+def key_loop_bounds(lo, hi, row_ok, LK, split0, split1, BLOCK_N: tl.constexpr):
+    """Key-tile bounds of a query block whose rows see [lo, hi), within the split [split0, split1).
+
+    Returns (first, left_end, full_lo, mid_end, right_start, right_end): a masked left edge [first, left_end), an
+    unmasked middle [full_lo, mid_end) that every row sees whole, and a masked right edge [right_start, right_end).
+    """
+    lo_min = tl.min(tl.where(row_ok, lo, LK), 0)
+    lo_max = tl.max(tl.where(row_ok, lo, 0), 0)
+    hi_min = tl.min(tl.where(row_ok, hi, LK), 0)
+    hi_max = tl.max(tl.where(row_ok, hi, 0), 0)
+    first = (lo_min // BLOCK_N) * BLOCK_N
+    full_lo = tl.cdiv(lo_max, BLOCK_N) * BLOCK_N
+    full_hi = (hi_min // BLOCK_N) * BLOCK_N
+    has_mid = full_hi > full_lo
+    left_end = tl.minimum(tl.where(has_mid, full_lo, hi_max), split1)
+    mid_end = tl.minimum(tl.where(has_mid, full_hi, full_lo), split1)
+    right_start = tl.maximum(tl.where(has_mid, full_hi, hi_max), split0)
+    right_end = tl.minimum(hi_max, split1)
+    first = tl.maximum(first, split0)
+    full_lo = tl.maximum(full_lo, split0)
+    return first, left_end, full_lo, mid_end, right_start, right_end
+
+
+@triton.jit
+def load_kv_tile(
+    k_base, v_base, cols, offs_d, LK, D, stride_kn, stride_kd, stride_vn, stride_vd,
+    MASKED: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    """K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] of the key columns `cols`; MASKED tiles may run past Lk."""
+    d_ok = offs_d < D
+    k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if MASKED:
+        c_ok = cols < LK
+        kt = tl.load(k_ptrs, mask=c_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:  # middle tiles lie inside every row's interval, so inside Lk
+        kt = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    return kt, v

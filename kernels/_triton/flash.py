@@ -12,7 +12,18 @@ import triton
 import triton.language as tl
 
 from ..masking import KeyRanges
-from .common import dot_precision, head_map, range_args, row_ranges, scaled_logits, strides4, tiles, upcast
+from .common import (
+    dot_precision,
+    head_map,
+    key_loop_bounds,
+    load_kv_tile,
+    range_args,
+    row_ranges,
+    scaled_logits,
+    strides4,
+    tiles,
+    upcast,
+)
 
 
 @triton.jit
@@ -23,24 +34,11 @@ def _key_tiles(
     MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
-    d_ok = offs_d < D
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if MASKED:  # edge tiles may run past Lk
-            c_ok = cols < LK
-            kt = tl.load(k_ptrs, mask=c_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        elif EVEN_D:  # middle tiles lie inside every row's interval, so inside Lk
-            kt = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
+        kt, v = load_kv_tile(
+            k_base, v_base, cols, offs_d, LK, D, stride_kn, stride_kd, stride_vn, stride_vd, MASKED, UPCAST, EVEN_D
+        )
         s = scaled_logits(tl.dot(q, kt, input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
         if MASKED:
             seen = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
@@ -83,20 +81,9 @@ def _flash_fwd(
 
     lo, hi = row_ranges(LO, HI, b, offs_m, m_ok, stride_rb, stride_rm)
     row_ok = m_ok & (lo < hi)
-    lo_min = tl.min(tl.where(row_ok, lo, LK), 0)
-    lo_max = tl.max(tl.where(row_ok, lo, 0), 0)
-    hi_min = tl.min(tl.where(row_ok, hi, LK), 0)
-    hi_max = tl.max(tl.where(row_ok, hi, 0), 0)
-    first = (lo_min // BLOCK_N) * BLOCK_N
-    full_lo = tl.cdiv(lo_max, BLOCK_N) * BLOCK_N
-    full_hi = (hi_min // BLOCK_N) * BLOCK_N
-    has_mid = full_hi > full_lo
-    left_end = tl.minimum(tl.where(has_mid, full_lo, hi_max), split1)
-    mid_end = tl.minimum(tl.where(has_mid, full_hi, full_lo), split1)
-    right_start = tl.maximum(tl.where(has_mid, full_hi, hi_max), split0)
-    right_end = tl.minimum(hi_max, split1)
-    first = tl.maximum(first, split0)
-    full_lo = tl.maximum(full_lo, split0)
+    first, left_end, full_lo, mid_end, right_start, right_end = key_loop_bounds(
+        lo, hi, row_ok, LK, split0, split1, BLOCK_N
+    )
 
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,

@@ -1,0 +1,217 @@
+"""VAR: visual attention redistribution (Kang et al., "See What You Are Told", ICLR 2025).
+
+For a vision-language model: at each selected decoder layer, tokens whose residual stream has a massive activation on
+a sink dimension (max_d |x[d]| / RMS(x) > tau) are sinks. In every (head, text-query row) whose attention is
+image-centric, each sink keeps `keep_fraction` of its probability and the rest goes to the non-sink image tokens in
+proportion. Sinks come from the prompt (generated tokens never are); the selection is re-run at every step. Only the
+language model is patched. Paper conventions by default; `match_released_code=True` reproduces the authors' code
+(sink-portion test, last layer included). See DESIGN.md and research/algorithms.md section 2.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..kernels.var import var_attention
+from .base import AttentionCall, Method, register_method
+from .config import check_bool, check_number
+
+RMS_EPSILON = 1e-6
+
+
+@dataclass(frozen=True)
+class VARConfig:
+    """Options of `attnpatch.apply(model, "var", ...)`.
+
+    sink_dims: hidden dimensions whose massive activations mark sink tokens (from `attnpatch.calibrate(...,
+    method="var")` or a profile). tau: sink threshold on |x[d]| / RMS(x). rho: image-centric threshold (paper: non-sink
+    share of the row's image attention >= rho; released code: visual-sink share <= rho). summ: minimum image mass of
+    a row. keep_fraction: share of its probability each sink keeps in a selected row (1 = no change). layers: None
+    (2..L-2 as in the paper; 2..L-1 with match_released_code) or a list of layer indices.
+    """
+
+    sink_dims: Any = None
+    tau: float = 20.0
+    rho: float = 0.5
+    summ: float = 0.2
+    keep_fraction: float = 0.6
+    layers: Any = None
+    match_released_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sink_dims is not None:
+            dims = list(self.sink_dims) if isinstance(self.sink_dims, (list, tuple, set)) else None
+            if not dims or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+                raise ValueError(f"sink_dims must be a non-empty list of hidden dimensions, got {self.sink_dims!r}")
+            if min(dims) < 0:
+                raise ValueError(f"sink_dims must be >= 0, got {sorted(dims)}")
+            object.__setattr__(self, "sink_dims", tuple(sorted({int(d) for d in dims})))
+        check_number("tau", self.tau, 0.0, float("inf"))
+        check_number("rho", self.rho, 0.0, 1.0)
+        check_number("summ", self.summ, 0.0, 1.0)
+        check_number("keep_fraction", self.keep_fraction, 0.0, 1.0)
+        check_bool("match_released_code", self.match_released_code)
+        if self.layers is not None and not (
+            isinstance(self.layers, (list, tuple, range))
+            and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in self.layers)
+        ):
+            raise ValueError(f"layers must be None or a list of layer indices, got {self.layers!r}")
+
+    @property
+    def convention(self) -> str:
+        return "code" if self.match_released_code else "paper"
+
+
+def sink_scores(hidden: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """[B, L] max over `dims` of |x[d]| / RMS(x), in float32, RMS without the norm weight."""
+    x = hidden.float()
+    rms = x.pow(2).mean(-1, keepdim=True).add_(RMS_EPSILON).sqrt_()
+    return (x[..., dims] / rms).abs().amax(-1)
+
+
+@register_method
+class VAR(Method):
+    name = "var"
+    config_class = VARConfig
+    scope = "language"
+    reads_layer_inputs = True
+
+    def __init__(self, config: VARConfig, num_layers: int, num_heads: list[int]):
+        super().__init__(config, num_layers, num_heads)
+        if config.sink_dims is None:
+            raise ValueError(
+                "attnpatch var needs the sink dimensions of this model's language model: discover them with "
+                "`profile = attnpatch.calibrate(model, tokenizer, method='var')` and pass `profile=profile` "
+                "(or a saved profile directory), or give sink_dims=[...] explicitly."
+            )
+        last = num_layers if config.match_released_code else num_layers - 1
+        layers = range(2, last) if config.layers is None else config.layers
+        bad = [x for x in layers if not 0 <= x < num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are out of range; the language model has layers 0..{num_layers - 1}")
+        self._layers = set(layers)
+        if not self._layers:
+            raise ValueError(f"no layer to patch: a {num_layers}-layer model has none in 2..L-2; pass layers=[...]")
+        self._dims = torch.tensor(config.sink_dims)
+        self.reset()
+
+    def check_model(self, model_info: Any) -> None:
+        if model_info.image_token_id is None:
+            raise TypeError(
+                f"attnpatch var redistributes attention to image tokens, and {type(model_info.model).__name__} has "
+                "no image token id (a text-only model); use a vision-language model such as "
+                "LlavaForConditionalGeneration, or method 'act' for text models."
+            )
+        hidden = model_info.hidden_size
+        if hidden is not None and max(self.config.sink_dims) >= hidden:
+            raise ValueError(
+                f"sink_dims {list(self.config.sink_dims)} do not fit the language model's hidden size {hidden}; "
+                "were they calibrated on another model? Run attnpatch.calibrate(model, tokenizer, method='var')."
+            )
+
+    def layers(self) -> set[int]:
+        return set(self._layers)
+
+    def reset(self) -> None:
+        self._image: torch.Tensor | None = None  # [B, T] image tokens, absolute positions
+        self._rows: torch.Tensor | None = None  # [B, Lq] rows of the current forward that VAR may change
+        self.sinks: dict[int, torch.Tensor] = {}  # layer -> [B, T] sink tokens
+        self.last_selected: dict[int, torch.Tensor] = {}  # layer -> [B, H, Lq] redistributed (head, row) pairs
+
+    def start_forward(self, context: Any) -> None:
+        past = context.past_length
+        images = context.image_mask
+        if past == 0:
+            self.reset()
+            if images is None:
+                raise ValueError(
+                    "attnpatch var finds the image tokens in input_ids: call the model (or generate) with input_ids "
+                    "holding the image tokens, not inputs_embeds."
+                )
+            if not bool(images.any()):
+                raise ValueError(
+                    "attnpatch var: this batch has no image tokens, so there is nothing to redistribute to; pass the "
+                    "images (pixel_values) with their image tokens, or remove the patch for text-only prompts."
+                )
+        elif self._image is None or self._image.shape[1] != past:
+            raise RuntimeError(
+                f"attnpatch var: the KV cache holds {past} tokens but the patch saw "
+                f"{0 if self._image is None else self._image.shape[1]} of this sequence; run the prompt through the "
+                "patched model first (or call patch.reset() and start again without a cache)."
+            )
+        if images is None:  # later forwards (decoding) without input_ids: no new image token
+            images = torch.zeros(self._image.shape[0], 0, dtype=torch.bool, device=self._image.device)
+        self._image = images if past == 0 else torch.cat([self._image, images.to(self._image.device)], dim=1)
+        # text rows after the first image of their sequence (the text that refers to the image), real tokens only
+        length = self._image.shape[1]
+        first_image = torch.where(self._image.any(1), self._image.to(torch.uint8).argmax(1), length)
+        position = torch.arange(past, length, device=self._image.device)
+        rows = (position[None] > first_image[:, None]) & ~self._image[:, past:]
+        mask = context.attention_mask
+        if mask is not None and mask.shape == self._image.shape:
+            rows &= mask[:, past:].to(device=rows.device, dtype=torch.bool)
+        self._rows = rows
+
+    def observe_layer_input(self, layer: int, hidden: torch.Tensor, context: Any) -> None:
+        batch, length = hidden.shape[:2]
+        if context.past_length == 0:  # the prompt: sinks by massive activation, pad tokens never
+            sinks = sink_scores(hidden, self._dims.to(hidden.device)) > self.config.tau
+            mask = context.attention_mask
+            if mask is not None and mask.shape == sinks.shape:
+                sinks &= mask.to(device=sinks.device, dtype=torch.bool)
+            self.sinks[layer] = sinks
+            return
+        previous = self.sinks.get(layer)
+        if previous is None:
+            raise RuntimeError(f"attnpatch var: layer {layer} has no sinks from the prompt; call patch.reset()")
+        # generated (and later) tokens are never sinks
+        self.sinks[layer] = torch.cat([previous, previous.new_zeros(batch, length)], dim=1)
+
+    def attend(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        sinks = self.sinks.get(call.layer)
+        if sinks is None or self._image is None or self._rows is None:
+            raise RuntimeError(
+                f"attnpatch var: the attention of layer {call.layer} ran without the sink tokens of its input; VAR "
+                "works on the language model inside the full vision-language model's forward."
+            )
+        if call.dropout > 0:
+            raise RuntimeError("attnpatch var is an inference-time method: call model.eval() (dropout is active).")
+        total = call.past_length + call.query.shape[2]
+        if sinks.shape[1] != total or self._image.shape[1] != total:
+            raise RuntimeError(
+                f"attnpatch var: layer {call.layer} sees {total} tokens but the patch tracked {sinks.shape[1]}; "
+                "call patch.reset() and start the sequence again."
+            )
+        keys = slice(call.key_offset, call.key_offset + call.key.shape[2])
+        rows = self._rows.to(call.query.device)
+        if call.query_valid is not None:
+            rows = rows & call.query_valid
+        hq, hkv = call.query.shape[1], call.key.shape[1]
+        cfg = self.config
+        result = var_attention(
+            call.query,
+            call.key,
+            call.value,
+            scale=call.scale,
+            sinks=sinks[:, keys].to(call.query.device),
+            image=self._image[:, keys].to(call.query.device),
+            rows=rows,
+            keep_fraction=cfg.keep_fraction,
+            rho=cfg.rho,
+            summ=cfg.summ,
+            convention=cfg.convention,
+            mask=call.mask,
+            causal=call.causal,
+            sliding_window=call.sliding_window,
+            softcap=call.softcap,
+            kv_head_index=torch.arange(hq) // (hq // hkv),
+            return_selected=True,
+            return_probs=call.output_attentions,
+        )
+        self.last_selected[call.layer] = result.selected
+        weights = result.probs.to(call.query.dtype) if result.probs is not None else None
+        return result.out.transpose(1, 2), weights
