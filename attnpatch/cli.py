@@ -33,8 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-default", action="store_true", help="skip the method with default heads (profiles only)")
     ev.add_argument("--part", default="eval", help="eval (default), calibration or all")
     ev.add_argument("--out", default="attnpatch-out/eval", help="output prefix: writes PREFIX.json and PREFIX.md")
-    cal = sub.add_parser("calibrate", help="select the heads where ACT helps; writes a profile directory")
+    cal = sub.add_parser(
+        "calibrate", help="ACT: select the heads where it helps; VAR: find the sink dimensions; writes a profile"
+    )
     _model_args(cal)
+    cal.add_argument("--method", default="act", choices=["act", "var"])
+    cal.add_argument("--tau", type=float, default=20.0, help="VAR: sink threshold on |x[d]| / RMS(x)")
     cal.add_argument("--candidates", default=None, help='"all", or layers like "2-15" (default: layers 2..L-2)')
     cal.add_argument("--beta", type=float, default=0.4)
     cal.add_argument("--threshold", type=float, default=0.1)
@@ -122,6 +126,11 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from .distributed import Processes
 
     model, tok = _load(args)
+    if args.method == "var":
+        profile = calibrate(model, tok, None, method="var", tau=args.tau)
+        profile.save(args.out)
+        print(f"sink dims {profile.options['sink_dims']} (tau {args.tau}); profile in {args.out}")
+        return 0
     profile = calibrate(
         model, tok, [t for t in args.tasks.split(",") if t], method="act", beta=args.beta, threshold=args.threshold,
         min_visible_rows=args.min_visible_rows, candidates=_candidates(args.candidates), shots=args.shots,

@@ -88,7 +88,14 @@ class Profile:
         return sum(len(h) for h in self.heads.values())
 
     def apply_options(self) -> dict[str, Any]:
-        """Options for `attnpatch.apply(model, self.method, **options)`."""
+        """Options for `attnpatch.apply(model, self.method, **options)` (with the heads, for methods that take them)."""
+        import dataclasses
+
+        from .methods.base import METHODS
+
+        config_class = METHODS.get(self.method).config_class if self.method in METHODS else None
+        if config_class is not None and "heads" not in {f.name for f in dataclasses.fields(config_class)}:
+            return dict(self.options)
         return {**self.options, "heads": {layer: list(hs) for layer, hs in self.heads.items()}}
 
     def save(self, directory: str | os.PathLike) -> str:

@@ -332,12 +332,15 @@ def _cleanup(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_shape(shape: Shape, device: torch.device, timer: Timer, providers: set[str] | None) -> list[dict]:
+def measure_shape(
+    shape: Shape, device: torch.device, timer: Timer, providers: set[str] | None, build: Callable | None = None
+) -> list[dict]:
+    """Time every provider of `build(shape, q, k, v, cuda=...)` (default: this script's) on one shape."""
     cuda = device.type == "cuda"
     q, k, v = make_inputs(shape, device)
     inputs_mb = sum(t.numel() * t.element_size() for t in (q, k, v)) / 2**20
     rows = []
-    for name, factory in build_providers(shape, q, k, v, cuda=cuda):
+    for name, factory in (build or build_providers)(shape, q, k, v, cuda=cuda):
         if providers and name not in providers:
             continue
         row = dict(asdict(shape), inputs_mb=inputs_mb, provider=name, status="ok")

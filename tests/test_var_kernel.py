@@ -70,14 +70,14 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_oracle(path, convention, case):
     b, hq, hkv, lq, lk, d, causal, first_row = CASES[case]
-    q, k, v, sinks, img = var_inputs(b, hq, hkv, lq, lk, d, seed=hash(case) % 1000)
+    q, k, v, sinks, img = var_inputs(b, hq, hkv, lq, lk, d, seed=list(CASES).index(case))
     rows = torch.zeros(b, lq, dtype=torch.bool)
     rows[:, first_row:] = True
     rule = dict(keep_fraction=0.6, rho=0.5 if convention == "code" else 0.8, summ=0.2, convention=convention)
     want = oracle(q, k, v, sinks=sinks, image=img, rows=rows, causal=causal, **rule)
     got = run(path, q, k, v, sinks=sinks, image=img, rows=rows, causal=causal, **rule)
     n = int(want["selected"].sum())
-    assert 0 < n < rows.sum() * hq, f"test inputs must select some rows and leave others ({n})"
+    assert 0 < n and (n < rows.sum() * hq or lq == 1), f"inputs must select some rows and leave others ({n})"
     assert torch.equal(got.selected.cpu(), want["selected"])
     torch.testing.assert_close(got.out.double().cpu(), want["out"], atol=2e-5, rtol=0)
     changed = (want["out"] - reference.attention(q, k, v, scale=SCALE, causal=causal)[0]).abs().amax()

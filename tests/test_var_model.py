@@ -176,3 +176,17 @@ def test_batch_without_image_tokens_and_embeds_input_are_errors(llava, batch):
         embeds = llava.get_input_embeddings()(torch.tensor([[BOS, 11, 12]]))
         with pytest.raises(ValueError, match="input_ids"):
             logits(llava, dict(inputs_embeds=embeds))
+
+
+def test_calibrated_profile_applies(llava, batch, tmp_path):
+    """Sink dimensions discovered on text prompts (BOS carries them) drive the patch through a saved profile."""
+    import attnpatch
+
+    prompts = [[BOS, 11 + i, 12, 13, 14 + i, 20] for i in range(4)]
+    profile = attnpatch.calibrate(llava, None, prompts, method="var")
+    assert sorted(profile.options["sink_dims"]) == list(SINK_DIMS) and profile.options["tau"] == 20.0
+    profile.save(tmp_path / "var")
+    with apply(llava, "var", profile=tmp_path / "var") as patch:
+        assert patch.config.sink_dims == SINK_DIMS
+        logits(llava, batch)
+        assert patch.method.sinks[2][0].nonzero().flatten().tolist() == [0, 8]
