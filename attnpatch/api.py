@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -15,10 +15,32 @@ from .methods.base import METHODS, Method
 _PATCH = "_attnpatch_patch"
 
 
+class Integration(Protocol):
+    """How a Patch reaches a model's attention (integrations/): built and checked before anything changes."""
+
+    num_layers: int
+    num_heads: list[int]
+
+    def attach(self, patch: Patch) -> None: ...
+
+    def detach(self) -> None: ...
+
+
+def _make_integration(method_cls: type[Method], model: nn.Module) -> Integration:
+    """The integration `method_cls.integration` names, for `model`."""
+    if method_cls.integration == "transformers":
+        return TransformersIntegration(model, scope=method_cls.scope)
+    if method_cls.integration == "timm":
+        from .integrations.timm import TimmIntegration
+
+        return TimmIntegration(model, method_cls)
+    raise ValueError(f"method {method_cls.name!r} names an unknown integration {method_cls.integration!r}")
+
+
 class Patch:
     """An active patch on one model. State (per-sequence statistics) lives here, never on classes or in globals."""
 
-    def __init__(self, model: nn.Module, method: Method, integration: TransformersIntegration):
+    def __init__(self, model: nn.Module, method: Method, integration: Integration):
         self.model = model
         self.method = method
         self.integration = integration
@@ -85,7 +107,8 @@ def _make_config(method: str, options: dict[str, Any]) -> Any:
 
 
 def apply(model: nn.Module, method: str, **options: Any) -> Patch:
-    """Patch `model`'s attention with `method` ("act", ...) and return the Patch; `patch.remove()` undoes it.
+    """Patch `model`'s attention with `method` ("act", "var", "outlook", ...) and return the Patch; `patch.remove()`
+    undoes it.
 
     `profile=` (a Profile or a directory written by `Profile.save`) supplies the calibrated heads and options; it is
     refused when made for another model or method. Options given explicitly override the profile's.
@@ -106,7 +129,7 @@ def apply(model: nn.Module, method: str, **options: Any) -> Patch:
 
         options = {**resolve(profile, model, method).apply_options(), **options}
     config = _make_config(method, options)
-    integration = TransformersIntegration(model, scope=METHODS[method].scope)
+    integration = _make_integration(METHODS[method], model)
     method_obj = METHODS[method](config, integration.num_layers, integration.num_heads)
     method_obj.check_model(integration)
     patch = Patch(model, method_obj, integration)

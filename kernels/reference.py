@@ -196,3 +196,37 @@ def var(
                 new[bi, h, i, ins] = p[ins] + budget * p[ins] / w
     vv = v.double().repeat_interleave(hq // v.shape[1], dim=1)
     return {"out": new @ vv, "probs": new, "selected": selected}
+
+
+def outlook(
+    attn_logits: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int,
+    padding: int,
+    stride: int,
+    scale: float,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """timm's `OutlookAttention.forward` between its linear layers, line by line, in float64 (`dtype`: the same math
+    in another precision, e.g. the input dtype as timm runs it).
+
+    v [B, H, W, C] (`self.v(x)`), attn_logits [B, h, w, heads*K^4] (`self.attn(self.pool(x))`); returns the folded
+    result permuted to channels-last [B, H, W, C] (what timm hands to `self.proj`). timm's h, w are ceil(H/stride),
+    ceil(W/stride); here they are read off attn_logits.
+    """
+    import torch.nn.functional as F
+
+    B, H, W, C = v.shape
+    h, w = attn_logits.shape[1:3]
+    k = kernel_size
+    num_heads = attn_logits.shape[-1] // k**4
+    v = v.to(dtype).permute(0, 3, 1, 2)  # B, C, H, W
+    v = F.unfold(v, kernel_size=k, padding=padding, stride=stride)
+    v = v.reshape(B, num_heads, C // num_heads, k * k, h * w).permute(0, 1, 4, 3, 2)  # B, n, hw, kk, C/n
+    attn = attn_logits.to(dtype).reshape(B, h * w, num_heads, k * k, k * k).permute(0, 2, 1, 3, 4)  # B, n, hw, kk, kk
+    attn = attn * scale
+    attn = attn.softmax(dim=-1)
+    x = (attn @ v).permute(0, 1, 4, 3, 2).reshape(B, C * k * k, h * w)
+    x = F.fold(x, output_size=(H, W), kernel_size=k, padding=padding, stride=stride)
+    return x.permute(0, 2, 3, 1)

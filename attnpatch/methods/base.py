@@ -43,6 +43,7 @@ class Method:
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    integration: ClassVar[str] = "transformers"  # how attnpatch reaches the model: "transformers" or "timm"
     scope: ClassVar[str] = "model"  # "language": patch only the language model of a vision-language model
     reads_layer_inputs: ClassVar[bool] = False  # True: observe_layer_input gets each selected layer's residual stream
 
@@ -76,6 +77,33 @@ class Method:
 
     def describe(self) -> str:
         return f"{self.name}: {self.config}"
+
+
+class ModuleMethod(Method):
+    """A method that replaces the forward of whole modules, matched by type, one instance at a time (timm models and
+    other modules outside the transformers registry). The integration checks every module with `check_module` before
+    it changes any, then routes each patched module's calls to `module_forward`."""
+
+    integration = "timm"
+
+    @classmethod
+    def targets(cls) -> tuple[type, ...]:
+        """The module classes this method replaces (instances of subclasses are matched too, then checked)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_module(cls, module: Any) -> None:
+        """Raise TypeError when `module`'s forward is not the one this method was written for."""
+
+    def module_forward(self, layer: int, module: Any, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The patched forward of `module` (`original`: its own forward, bound)."""
+        raise NotImplementedError
+
+    def layers(self) -> set[int]:
+        return set(range(self.num_layers))
+
+    def attend(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        raise TypeError(f"{self.name} replaces module forwards; it takes no attention-function calls")
 
 
 METHODS: dict[str, type[Method]] = {}
