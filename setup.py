@@ -47,7 +47,8 @@ setup(
         "viz": ["matplotlib>=3.7"],
         # timm models (VOLO) for the `outlook` method and its tests; timm needs a torchvision that matches torch
         "timm": ["timm>=1.0"],
-        "dev": ["pytest>=7", "ruff>=0.5"],
+        # rouge-score: the OCW tests cross-check our ROUGE-1 against the reference package
+        "dev": ["pytest>=7", "ruff>=0.5", "rouge-score>=0.1"],
     },
     entry_points={"console_scripts": ["attnpatch=attnpatch.cli:main"]},
 )

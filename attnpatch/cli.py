@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-default", action="store_true", help="skip the method with default heads (profiles only)")
     ev.add_argument("--part", default="eval", help="eval (default), calibration or all")
     ev.add_argument("--out", default="attnpatch-out/eval", help="output prefix: writes PREFIX.json and PREFIX.md")
+    _ocw_args(ev)
     cal = sub.add_parser(
         "calibrate", help="ACT: select the heads where it helps; VAR: find the sink dimensions; writes a profile"
     )
@@ -62,6 +63,21 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device-map", default=None, help='e.g. "auto" to spread the model over the visible devices')
     p.add_argument("--cache-dir", default=None)
+
+
+def _ocw_args(ev: argparse.ArgumentParser) -> None:
+    ocw = ev.add_argument_group("Only Connect Wall (--task ocw)")
+    ocw.add_argument("--task", default=None, help='"ocw": the Only Connect Wall A/B instead of --tasks')
+    ocw.add_argument("--mode", default="generate", choices=["generate", "constrained"])
+    ocw.add_argument(
+        "--data",
+        default=None,
+        help="OCW folder with train.json and validation.json (default: $ATTNPATCH_OCW_DIR or ../shared/data/ocw), "
+        "or a JSON file of walls to evaluate",
+    )
+    ocw.add_argument("--split", default="validation", help="split evaluated when --data is a folder")
+    ocw.add_argument("--max-new-tokens", type=int, default=144)
+    ocw.add_argument("--no-connections", action="store_true", help="generate mode: task 1 (grouping) only")
 
 
 def _load(args: argparse.Namespace):
@@ -121,6 +137,54 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_any(args: argparse.Namespace):
+    """A zoo model by name, or any local Hugging Face causal LM directory (model + tokenizer)."""
+    if not os.path.isdir(args.model):
+        return _load(args)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), local_files_only=True)
+    return model.eval(), tok
+
+
+def _ocw_walls(args: argparse.Namespace):
+    from .eval.ocw import load_walls
+
+    if args.data and os.path.isfile(args.data):
+        walls, train = load_walls(args.data), load_walls("train") if args.shots else []
+    else:
+        walls = load_walls(args.split, data_dir=args.data)
+        train = load_walls("train", data_dir=args.data) if args.shots else []
+    return walls[: args.limit], train
+
+
+def _run_ocw(args: argparse.Namespace) -> int:
+    from .eval.ocw_runner import evaluate_ocw
+    from .profiles import Profile
+
+    walls, train = _ocw_walls(args)
+    model, tok = _load_any(args)
+    configs: dict[str, Any] = {"unpatched": None}
+    if not args.no_default:
+        configs[args.method] = {"method": args.method, **_options(args.option)}
+    for path in args.profile:
+        configs[f"{args.method} profile {os.path.basename(os.path.normpath(path))}"] = Profile.load(path)
+    report = evaluate_ocw(
+        model, tok, walls, configs=configs, mode=args.mode, train=train, shots=args.shots,
+        connections=not args.no_connections, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        model_name=args.model, split=args.split if not (args.data and os.path.isfile(args.data)) else args.data,
+    )  # fmt: skip
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    paths = report.save(args.out)
+    print(report.to_markdown())
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
 def _run_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
     from .distributed import Processes
@@ -159,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         print(report())
         return 0
     if args.command == "eval":
-        return _run_eval(args)
+        if args.task not in (None, "ocw"):
+            raise SystemExit(f"--task {args.task!r}: only 'ocw' is supported (multiple-choice tasks go in --tasks)")
+        return _run_ocw(args) if args.task == "ocw" else _run_eval(args)
     if args.command == "calibrate":
         return _run_calibrate(args)
     from .demo import run_demo

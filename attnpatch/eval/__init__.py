@@ -1,19 +1,34 @@
-"""Evaluation harness: multiple-choice tasks, batched log-likelihood scoring, paired statistics."""
+"""Evaluation harness: multiple-choice tasks, batched log-likelihood scoring, paired statistics, Only Connect Wall."""
 
+from .ocw import OCWDataError, Wall, load_walls, parse_connections, parse_groups
+from .ocw_metrics import chance_reference, connection_metrics, grouping_metrics
+from .ocw_runner import OCWReport, evaluate_ocw
+from .ocw_solver import best_partition
 from .scoring import choose, option_logprobs, score_items
 from .stats import accuracy, bootstrap_ci, mcnemar_exact, paired_comparison
 from .tasks import Item, available_tasks, load_task, task_sizes
 
 __all__ = [
     "Item",
+    "OCWDataError",
+    "OCWReport",
+    "Wall",
     "accuracy",
     "available_tasks",
+    "best_partition",
+    "chance_reference",
     "bootstrap_ci",
     "choose",
+    "connection_metrics",
+    "evaluate_ocw",
+    "grouping_metrics",
     "load_task",
+    "load_walls",
     "mcnemar_exact",
     "option_logprobs",
     "paired_comparison",
+    "parse_connections",
+    "parse_groups",
     "score_items",
     "task_sizes",
 ]
