@@ -21,8 +21,8 @@ import torch
 from . import backend
 from .blocks import (
     DEFAULT_BLOCK_ELEMENTS,
-    LogitBlocks,
     default_kv_heads,
+    group_blocks,
     probs_,
     replica_groups,
     take_heads,
@@ -121,6 +121,7 @@ def _act_torch(
     device = q.device
     kv_head_index = kv_head_index.cpu()
     geometry = dict(mask=mask, causal=causal, sliding_window=sliding_window)
+    logit_options = dict(scale=scale, softcap=softcap, block_elements=block_elements, **geometry)
     groups = replica_groups(kv_head_index, hkv)
 
     # pass A+B: log-sum-exp per row and column mass per key
@@ -129,14 +130,7 @@ def _act_torch(
     row_weight = query_valid.float()[:, None, None, :]  # [B, 1, 1, Lq]: a row vector per sequence
     block_rows = lq
     for q_idx, kv_idx in groups:
-        blocks = LogitBlocks(
-            take_heads(q, q_idx),
-            take_heads(k, kv_idx),
-            scale=scale,
-            softcap=softcap,
-            block_elements=block_elements,
-            **geometry,
-        )
+        blocks = group_blocks(q, k, q_idx, kv_idx, **logit_options)
         block_rows = min(block_rows, blocks.rows)
         q_dev = q_idx.to(device)
         for r0, r1, logits in blocks:
@@ -167,14 +161,7 @@ def _act_torch(
         sink_w = sinks[:, q_dev, None, :].float()  # [B, n, 1, Lk]
         sink_cols = torch.stack([sink_w, 1.0 - sink_w], dim=-1).squeeze(2)  # [B, n, Lk, 2]
         v_group = take_heads(v, kv_idx).float()
-        blocks = LogitBlocks(
-            take_heads(q, q_idx),
-            take_heads(k, kv_idx),
-            scale=scale,
-            softcap=softcap,
-            block_elements=block_elements,
-            **geometry,
-        )
+        blocks = group_blocks(q, k, q_idx, kv_idx, **logit_options)
         for r0, r1, logits in blocks:
             p = probs_(logits, lse[:, q_dev, r0:r1])
             s_mass, rest = (p @ sink_cols).unbind(-1)  # sink and non-sink mass per row

@@ -7,7 +7,14 @@ from __future__ import annotations
 import torch
 
 from . import backend
-from .blocks import DEFAULT_BLOCK_ELEMENTS, LogitBlocks, default_kv_heads, probs_, replica_groups, take_heads
+from .blocks import (
+    DEFAULT_BLOCK_ELEMENTS,
+    default_kv_heads,
+    group_blocks,
+    probs_,
+    replica_groups,
+    take_heads,
+)
 from .masking import KeyRanges
 
 
@@ -60,8 +67,8 @@ def _attention_torch(
     for q_idx, kv_idx in replica_groups(kv_head_index.cpu(), hkv):
         q_dev = q_idx.to(q.device)
         v_group = take_heads(v, kv_idx).float()
-        blocks = LogitBlocks(
-            take_heads(q, q_idx), take_heads(k, kv_idx), scale=scale, softcap=softcap, mask=mask, causal=causal,
+        blocks = group_blocks(
+            q, k, q_idx, kv_idx, scale=scale, softcap=softcap, mask=mask, causal=causal,
             sliding_window=sliding_window, block_elements=block_elements,
         )  # fmt: skip
         for r0, r1, logits in blocks:

@@ -73,6 +73,11 @@ class LogitBlocks:
             yield r0, r1, logits
 
 
+def group_blocks(q, k, q_idx: torch.Tensor, kv_idx: torch.Tensor, **options) -> LogitBlocks:
+    """LogitBlocks of the query heads `q_idx` against their kv heads `kv_idx` (one group of `replica_groups`)."""
+    return LogitBlocks(take_heads(q, q_idx), take_heads(k, kv_idx), **options)
+
+
 def probs_(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """exp(logits - lse) computed in place over `logits`; 0 on rows that see no key."""
     return logits.sub_(lse[..., None]).exp_().nan_to_num_(nan=0.0)

@@ -11,11 +11,10 @@ import torch
 from . import backend
 from .blocks import (
     DEFAULT_BLOCK_ELEMENTS,
-    LogitBlocks,
     default_kv_heads,
+    group_blocks,
     probs_,
     replica_groups,
-    take_heads,
     visible_count,
 )
 from .masking import KeyRanges, query_rows, ranges_visible_count
@@ -81,8 +80,8 @@ def _column_mass_torch(
     row_weight = query_valid.float()[:, None, None, :]
     block_rows = lq
     for q_idx, kv_idx in replica_groups(kv_head_index.cpu(), hkv):
-        blocks = LogitBlocks(
-            take_heads(q, q_idx), take_heads(k, kv_idx), scale=scale, softcap=softcap, mask=mask, causal=causal,
+        blocks = group_blocks(
+            q, k, q_idx, kv_idx, scale=scale, softcap=softcap, mask=mask, causal=causal,
             sliding_window=sliding_window, block_elements=block_elements,
         )  # fmt: skip
         block_rows = min(block_rows, blocks.rows)

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from . import backend
-from .blocks import DEFAULT_BLOCK_ELEMENTS, LogitBlocks, default_kv_heads, probs_, replica_groups, take_heads
+from .blocks import (
+    DEFAULT_BLOCK_ELEMENTS,
+    default_kv_heads,
+    group_blocks,
+    probs_,
+    replica_groups,
+    take_heads,
+)
 from .masking import KeyRanges, query_rows
 
 CONVENTIONS = ("paper", "code")
@@ -138,17 +145,11 @@ def _var_torch(
     selected = torch.zeros(b, hq, lq, dtype=torch.bool, device=device)
     probs_out = torch.empty(b, hq, lq, lk, dtype=torch.float32, device=device) if return_probs else None
     geometry = dict(mask=mask, causal=causal, sliding_window=sliding_window)
+    logit_options = dict(scale=scale, softcap=softcap, block_elements=block_elements, **geometry)
     for q_idx, kv_idx in replica_groups(kv_head_index.cpu(), hkv):
         q_dev = q_idx.to(device)
         v_group = take_heads(v, kv_idx).float()
-        blocks = LogitBlocks(
-            take_heads(q, q_idx),
-            take_heads(k, kv_idx),
-            scale=scale,
-            softcap=softcap,
-            block_elements=block_elements,
-            **geometry,
-        )
+        blocks = group_blocks(q, k, q_idx, kv_idx, **logit_options)
         for r0, r1, logits in blocks:
             p = probs_(logits, torch.logsumexp(logits, dim=-1))
             sink_mass, visual_sink, ins = (p @ columns).unbind(-1)  # [B, n, r] each
