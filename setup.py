@@ -47,6 +47,8 @@ setup(
         "viz": ["matplotlib>=3.7", "scikit-learn>=1.2"],
         # timm models (VOLO) for the `outlook` method and its tests; timm needs a torchvision that matches torch
         "timm": ["timm>=1.0"],
+        # fine-tuning adapters with LoRA (attnpatch.adapters works without it; its LoRA tests and benchmarks need it)
+        "train": ["peft>=0.10"],
         # rouge-score: the OCW tests cross-check our ROUGE-1 against the reference package
         "dev": ["pytest>=7", "ruff>=0.5", "rouge-score>=0.1"],
     },

