@@ -23,6 +23,7 @@ setup(
         "attnpatch.methods",
         "attnpatch.integrations",
         "attnpatch.calibrate",
+        "attnpatch.adapters",
         "attnpatch.analysis",
         "attnpatch.eval",
         "attnpatch.kernels",
