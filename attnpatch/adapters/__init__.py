@@ -4,5 +4,19 @@ self-supervised attention (PSS) and intention conditioning. They ride on the `ad
 
 from .adversarial import ATLoss, AttentionAT, AttentionATConfig
 from .attention import AdapterAttention, AdapterConfig, Probe
+from .pss import AspectAttentionHead, MinedWords, PSSConfig, PSSProbe, progressive_mining, pss_loss
 
-__all__ = ["ATLoss", "AdapterAttention", "AdapterConfig", "AttentionAT", "AttentionATConfig", "Probe"]
+__all__ = [
+    "ATLoss",
+    "AdapterAttention",
+    "AdapterConfig",
+    "AspectAttentionHead",
+    "AttentionAT",
+    "AttentionATConfig",
+    "MinedWords",
+    "PSSConfig",
+    "PSSProbe",
+    "Probe",
+    "progressive_mining",
+    "pss_loss",
+]
