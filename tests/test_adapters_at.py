@@ -48,14 +48,19 @@ def test_zero_perturbation_is_identity_and_detach_restores_bits():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, before)
 
 
-def test_causal_lm_with_gqa_zero_perturbation_matches_unpatched():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mistral"])  # GQA; sliding windows (gemma3, mistral)
+def test_causal_lm_zero_perturbation_matches_unpatched(family):
+    model = tiny_model(family)
     ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
     with torch.no_grad():
-        before = model(input_ids=ids).logits
-        with attnpatch.patched(model, "adapter") as patch, patch.method.perturbed({0: torch.zeros(2, 4, 9, 9)}):
-            after = model(input_ids=ids).logits
-    assert torch.allclose(after, before, atol=1e-5)
+        before = model(input_ids=ids, attention_mask=mask).logits
+        zeros = {layer: torch.zeros(2, 4, 9, 9) for layer in range(4)}
+        with attnpatch.patched(model, "adapter") as patch, patch.method.perturbed(zeros):
+            after = model(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert torch.allclose(after[valid], before[valid], atol=1e-5)
 
 
 def test_perturbation_gradient_matches_finite_differences():
