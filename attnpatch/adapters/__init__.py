@@ -4,6 +4,7 @@ self-supervised attention (PSS) and intention conditioning. They ride on the `ad
 
 from .adversarial import ATLoss, AttentionAT, AttentionATConfig
 from .attention import AdapterAttention, AdapterConfig, Probe
+from .intention import IntentionConditioner, IntentionConfig
 from .pss import AspectAttentionHead, MinedWords, PSSConfig, PSSProbe, progressive_mining, pss_loss
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "AspectAttentionHead",
     "AttentionAT",
     "AttentionATConfig",
+    "IntentionConditioner",
+    "IntentionConfig",
     "MinedWords",
     "PSSConfig",
     "PSSProbe",
