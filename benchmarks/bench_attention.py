@@ -478,6 +478,62 @@ def versions() -> dict:
     return out
 
 
+def add_run_options(parser: argparse.ArgumentParser, *, smoke_repeats: int) -> None:
+    """The options every GPU benchmark script takes: --out-dir, --repeats, --warmup, --smoke."""
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help=f"timed runs per provider (default 30, smoke {smoke_repeats})"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5, smoke 1)")
+    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes; runs on CPU too")
+
+
+def run_setup(parser: argparse.ArgumentParser, args: argparse.Namespace, *, smoke_repeats: int):
+    """(cuda, device, repeats, warmup) for a benchmark run; refuses a full run without CUDA. Without CUDA the
+    smoke run uses at most 2 threads."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda and not args.smoke:
+        parser.error("needs a CUDA GPU (use --smoke to check the script on CPU)")
+    if not cuda:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    repeats = args.repeats or (smoke_repeats if args.smoke else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
+    return cuda, device, repeats, warmup
+
+
+def describe_path(device: torch.device) -> tuple[str, dict]:
+    """The device name and the attnpatch compute path for it (printed, and recorded in the report)."""
+    from attnpatch.kernels import backend
+
+    name = device_name(device)
+    path, why = backend.describe(device)
+    print(f"device: {name}; attnpatch ops: {path} ({why})", flush=True)
+    return name, {"path": path, "why": why, "ATTNPATCH_BACKEND": backend.requested()}
+
+
+def write_report(out_dir: str | Path, stem: str, name: str, compute_path: dict, config: dict, sanity, results) -> Path:
+    """Write the benchmark JSON (device, versions, path, config, sanity checks, results); returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "device": name,
+        "versions": versions(),
+        "attnpatch_path": compute_path,
+        "config": config,
+        "sanity": sanity,
+        "results": results,
+    }
+    json_path = out / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {json_path}")
+    return json_path
+
+
+def timing_note(cuda: bool) -> str:
+    return "CUDA events, L2 flushed before each run" if cuda else "time.perf_counter"
+
+
 def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -511,35 +567,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--decode-lengths", type=int, nargs="*", default=[1024, 4096, 16384, 32768])
-    parser.add_argument("--out-dir", default="benchmarks/results")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per provider (default 30, smoke 3)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5, smoke 1)")
     parser.add_argument("--providers", nargs="*", help="only these providers (default: all)")
-    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes; runs on CPU too")
+    add_run_options(parser, smoke_repeats=3)
     args = parser.parse_args()
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if not cuda and not args.smoke:
-        parser.error("needs a CUDA GPU (use --smoke to check the script on CPU)")
+    cuda, device, repeats, warmup = run_setup(parser, args, smoke_repeats=3)
     if args.smoke:
         dims = dict(b=1, hq=4, hkv=2, d=32, dtype="float32")
         lengths, decode_lengths = [64, 128], [64, 128]
-        repeats, warmup = args.repeats or 3, 1 if args.warmup is None else args.warmup
     else:
         dims = dict(b=1, hq=32, hkv=8, d=128, dtype="bfloat16")
         lengths, decode_lengths = args.lengths, args.decode_lengths
-        repeats, warmup = args.repeats or 30, 5 if args.warmup is None else args.warmup
-    if not cuda:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
     shapes = [Shape("prefill", lq=n, lk=n, **dims) for n in lengths]
     shapes += [Shape("decode", lq=1, lk=n, **dims) for n in decode_lengths]
 
-    from attnpatch.kernels import backend
-
-    name = device_name(device)
-    path, why = backend.describe(device)
-    print(f"device: {name}; attnpatch ops: {path} ({why})", flush=True)
+    name, compute_path = describe_path(device)
     checks = []
     for first in (shapes[0], next((s for s in shapes if s.mode == "decode"), None)):
         if first is not None:
@@ -551,33 +592,22 @@ def main() -> None:
     for shape in shapes:
         results += measure_shape(shape, device, timer, set(args.providers) if args.providers else None)
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"attention_{slug(name)}" + ("_smoke" if args.smoke else "")
-    report = {
-        "device": name,
-        "versions": versions(),
-        "attnpatch_path": {"path": path, "why": why, "ATTNPATCH_BACKEND": backend.requested()},
-        "config": dict(
-            dims,
-            causal_prefill=True,
-            act=ACT,
-            act_subset=f"every {SUBSET_STRIDE}th query head",
-            hidden_sink_positions="key 0, Lk // 8, Lk // 2",
-            repeats=repeats,
-            warmup=warmup,
-            timing="CUDA events, L2 flushed before each run" if cuda else "time.perf_counter",
-            flops="4 B Hq Lq Lk D (halved for causal prefill), attention-equivalent for ACT",
-            smoke=args.smoke,
-        ),  # fmt: skip
-        "sanity": checks,
-        "results": results,
-    }
-    json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {json_path}")
+    config = dict(
+        dims,
+        causal_prefill=True,
+        act=ACT,
+        act_subset=f"every {SUBSET_STRIDE}th query head",
+        hidden_sink_positions="key 0, Lk // 8, Lk // 2",
+        repeats=repeats,
+        warmup=warmup,
+        timing=timing_note(cuda),
+        flops="4 B Hq Lq Lk D (halved for causal prefill), attention-equivalent for ACT",
+        smoke=args.smoke,
+    )  # fmt: skip
+    json_path = write_report(args.out_dir, stem, name, compute_path, config, checks, results)
     try:
-        png = out_dir / f"{stem}.png"
+        png = json_path.with_suffix(".png")
         plot(results, png, f"{name}; B={dims['b']} Hq={dims['hq']} Hkv={dims['hkv']} D={dims['d']} {dims['dtype']}")
         print(f"wrote {png}")
     except Exception as e:  # the JSON is the result; a plotting problem must not lose it

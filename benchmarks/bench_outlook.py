@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import bench_attention as ba
 import torch
@@ -224,19 +222,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
-    parser.add_argument("--out-dir", default="benchmarks/results")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per provider (default 30, smoke 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5, smoke 1)")
-    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes; runs on CPU too")
+    ba.add_run_options(parser, smoke_repeats=2)
     args = parser.parse_args()
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if not cuda and not args.smoke:
-        parser.error("needs a CUDA GPU (use --smoke to check the script on CPU)")
+    cuda, device, repeats, warmup = ba.run_setup(parser, args, smoke_repeats=2)
     if args.smoke:
         shapes = [Shape("d1-tiny", b=2, hw=9, c=32, heads=2, dtype="float32")]
-        repeats, warmup = args.repeats or 2, 1 if args.warmup is None else args.warmup
     else:
         shapes = [
             Shape(m, b=b, hw=28, c=MODELS[m][0], heads=MODELS[m][1], dtype=dt)
@@ -244,15 +234,8 @@ def main() -> None:
             for m in args.models
             for b in args.batches
         ]
-        repeats, warmup = args.repeats or 30, 5 if args.warmup is None else args.warmup
-    if not cuda:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-    from attnpatch.kernels import backend
-
-    name = ba.device_name(device)
-    path, why = backend.describe(device)
-    print(f"device: {name}; attnpatch ops: {path} ({why})", flush=True)
+    name, compute_path = ba.describe_path(device)
     timer = ba.Timer(cuda, warmup, repeats)
     copy_gbs = copy_bandwidth(timer, device, (1 << 30) if cuda else (64 << 20))
     print(f"copy bandwidth: {copy_gbs:.1f} GB/s", flush=True)
@@ -263,30 +246,19 @@ def main() -> None:
     for shape in shapes:
         results += measure(shape, device, timer, copy_gbs)
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"outlook_{ba.slug(name)}" + ("_smoke" if args.smoke else "")
-    report = {
-        "device": name,
-        "versions": ba.versions(),
-        "attnpatch_path": {"path": path, "why": why, "ATTNPATCH_BACKEND": backend.requested()},
-        "config": dict(
-            kernel_size=K,
-            padding=PAD,
-            stride=STRIDE,
-            repeats=repeats,
-            warmup=warmup,
-            copy_gb_s=copy_gbs,
-            timing="CUDA events, L2 flushed before each run" if cuda else "time.perf_counter",
-            levels="op: linear outputs -> folded channels-last result; module: whole timm OutlookAttention",
-            smoke=args.smoke,
-        ),  # fmt: skip
-        "sanity": check,
-        "results": results,
-    }
-    json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {json_path}")
+    config = dict(
+        kernel_size=K,
+        padding=PAD,
+        stride=STRIDE,
+        repeats=repeats,
+        warmup=warmup,
+        copy_gb_s=copy_gbs,
+        timing=ba.timing_note(cuda),
+        levels="op: linear outputs -> folded channels-last result; module: whole timm OutlookAttention",
+        smoke=args.smoke,
+    )  # fmt: skip
+    ba.write_report(args.out_dir, stem, name, compute_path, config, check, results)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import bench_attention as ba
 import torch
@@ -122,32 +120,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="*", default=[2048, 4096, 8192])
     parser.add_argument("--decode-lengths", type=int, nargs="*", default=[2048, 8192])
-    parser.add_argument("--out-dir", default="benchmarks/results")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes; runs on CPU too")
+    ba.add_run_options(parser, smoke_repeats=3)
     args = parser.parse_args()
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if not cuda and not args.smoke:
-        parser.error("needs a CUDA GPU (use --smoke to check the script on CPU)")
+    cuda, device, repeats, warmup = ba.run_setup(parser, args, smoke_repeats=3)
     if args.smoke:
         dims = dict(b=1, hq=4, hkv=2, d=32, dtype="float32")
-        lengths, decode_lengths, repeats, warmup = [64, 128], [128], args.repeats or 3, args.warmup or 1
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        lengths, decode_lengths = [64, 128], [128]
     else:
         dims = dict(b=1, hq=32, hkv=8, d=128, dtype="bfloat16")
         lengths, decode_lengths = args.lengths, args.decode_lengths
-        repeats, warmup = args.repeats or 30, args.warmup or 5
     shapes = [ba.Shape("prefill", lq=n, lk=n, **dims) for n in lengths]
     shapes += [ba.Shape("decode", lq=1, lk=n, **dims) for n in decode_lengths]
 
-    from attnpatch.kernels import backend
-
-    name = ba.device_name(device)
-    path, why = backend.describe(device)
-    print(f"device: {name}; attnpatch ops: {path} ({why})", flush=True)
+    name, compute_path = ba.describe_path(device)
     checks = [sanity(shapes[0], device), sanity(shapes[-1], device)]
     for check in checks:
         print("sanity:", json.dumps(check), flush=True)
@@ -156,31 +141,20 @@ def main() -> None:
     for shape in shapes:
         results += ba.measure_shape(shape, device, timer, None, build=build_providers)
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"var_{ba.slug(name)}" + ("_smoke" if args.smoke else "")
-    report = {
-        "device": name,
-        "versions": ba.versions(),
-        "attnpatch_path": {"path": path, "why": why, "ATTNPATCH_BACKEND": backend.requested()},
-        "config": dict(
-            dims,
-            var=VAR,
-            image=f"{IMAGE_TOKENS} tokens from {IMAGE_START}",
-            causal_prefill=True,
-            repeats=repeats,
-            warmup=warmup,
-            timing="CUDA events, L2 flushed before each run" if cuda else "time.perf_counter",
-            smoke=args.smoke,
-        ),  # fmt: skip
-        "sanity": checks,
-        "results": results,
-    }
-    json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {json_path}")
+    config = dict(
+        dims,
+        var=VAR,
+        image=f"{IMAGE_TOKENS} tokens from {IMAGE_START}",
+        causal_prefill=True,
+        repeats=repeats,
+        warmup=warmup,
+        timing=ba.timing_note(cuda),
+        smoke=args.smoke,
+    )  # fmt: skip
+    json_path = ba.write_report(args.out_dir, stem, name, compute_path, config, checks, results)
     try:
-        ba.plot(results, out_dir / f"{stem}.png", f"VAR on {name}; {dims}")
+        ba.plot(results, json_path.with_suffix(".png"), f"VAR on {name}; {dims}")
     except Exception as e:
         print(f"plot failed: {ba._error(e)}")
 
