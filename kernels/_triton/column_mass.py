@@ -12,7 +12,17 @@ import triton
 import triton.language as tl
 
 from ..masking import KeyRanges
-from .common import dot_precision, head_map, range_args, row_ranges, scaled_logits, strides4, tiles, upcast
+from .common import (
+    dot_precision,
+    head_map,
+    load_q_block,
+    range_args,
+    row_ranges,
+    scaled_logits,
+    strides4,
+    tiles,
+    upcast,
+)
 
 
 @triton.jit
@@ -50,13 +60,7 @@ def _column_mass(
         w = tl.load(W + b * stride_wb + rows * stride_wm, mask=m_ok, other=0.0)
         sees = (lo < n_start + BLOCK_N) & (hi > n_start) & (lo < hi) & (w > 0)
         if tl.max(sees.to(tl.int32), 0) > 0:
-            q = tl.load(
-                Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                q = q.to(tl.float32)
+            q = load_q_block(Q, b, h, rows, m_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd, UPCAST)
             lse = tl.load(LSE + bh * LQ + rows, mask=m_ok, other=0.0) * 1.4426950408889634
             s = scaled_logits(tl.dot(q, kt, input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
             seen = sees[:, None] & (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])

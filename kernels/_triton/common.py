@@ -36,6 +36,20 @@ def row_ranges(LO, HI, b, rows, row_ok, stride_rb, stride_rm):
     return lo, hi
 
 
+@triton.jit
+def load_q_block(Q, b, h, offs_m, m_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd,
+                 UPCAST: tl.constexpr):  # fmt: skip
+    """The [BLOCK_M, BLOCK_D] query tile of (b, h) at rows `offs_m` (0 outside the rows/dims), fp32 when UPCAST."""
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q
+
+
 @dataclass(frozen=True)
 class Tiles:
     block_m: int

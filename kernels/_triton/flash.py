@@ -17,6 +17,7 @@ from .common import (
     head_map,
     key_loop_bounds,
     load_kv_tile,
+    load_q_block,
     range_args,
     row_ranges,
     scaled_logits,
@@ -85,13 +86,7 @@ def _flash_fwd(
         lo, hi, row_ok, LK, split0, split1, BLOCK_N
     )
 
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = load_q_block(Q, b, h, offs_m, m_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd, UPCAST)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

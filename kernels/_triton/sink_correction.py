@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..masking import KeyRanges
-from .common import head_map, range_args, row_ranges, scaled_logits, strides4, tiles
+from .common import head_map, load_q_block, range_args, row_ranges, scaled_logits, strides4, tiles
 
 
 @triton.jit
@@ -44,11 +44,7 @@ def _sink_correction(
     valid = m_ok & (lo < hi) & (w > 0)
     lse = tl.load(LSE + bh * LQ + rows, mask=m_ok, other=0.0) * 1.4426950408889634
     lse = tl.where(valid, lse, 0.0)
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    q = load_q_block(Q, b, h, rows, m_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd, True)
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)
     partial = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for k0 in range(0, NUM_SINKS, BLOCK_K):

@@ -19,6 +19,7 @@ from .common import (
     head_map,
     key_loop_bounds,
     load_kv_tile,
+    load_q_block,
     range_args,
     row_ranges,
     scaled_logits,
@@ -98,13 +99,7 @@ def _var_fwd(
     row_ok = m_ok & (lo < hi)
     first, left_end, full_lo, mid_end, right_start, right_end = key_loop_bounds(lo, hi, row_ok, LK, 0, LK, BLOCK_N)
 
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = load_q_block(Q, b, h, offs_m, m_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd, UPCAST)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     cls_base = CLS + b * stride_cb
