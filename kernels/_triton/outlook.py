@@ -79,6 +79,24 @@ def _row_lse(row, stride_lc, ok, scale_log2, KK: tl.constexpr):
 
 
 @triton.jit
+def _pixel_block(LOGITS, stride_lb, stride_lc, N_HEADS, H, W, HEAD_DIM,
+                 KK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """The pixels and channels of this program (grid: pixel blocks, batch * heads, channel blocks): batch, head,
+    pixel indices with their validity and (y, x), channel offsets with their validity, global channels, and the
+    base pointer of this head's logits."""
+    bh = tl.program_id(1)
+    b = bh // N_HEADS
+    head = bh % N_HEADS
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < H * W
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < HEAD_DIM
+    chan = head * HEAD_DIM + offs_c
+    l_base = LOGITS + b.to(tl.int64) * stride_lb + head * (KK * KK) * stride_lc
+    return b, head, offs_p, p_ok, offs_p // W, offs_p % W, offs_c, c_ok, chan, l_base
+
+
+@triton.jit
 def _outlook_fwd(
     LOGITS, V, OUT, LSE,
     stride_lb, stride_ly, stride_lx, stride_lc,
@@ -89,17 +107,9 @@ def _outlook_fwd(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     KK: tl.constexpr = K * K
-    bh = tl.program_id(1)
-    b = bh // N_HEADS
-    head = bh % N_HEADS
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < H * W
-    y = offs_p // W
-    x = offs_p % W
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < HEAD_DIM
-    chan = head * HEAD_DIM + offs_c
-    l_base = LOGITS + b.to(tl.int64) * stride_lb + head * (KK * KK) * stride_lc
+    b, head, offs_p, p_ok, y, x, offs_c, c_ok, chan, l_base = _pixel_block(
+        LOGITS, stride_lb, stride_lc, N_HEADS, H, W, HEAD_DIM, KK, BLOCK_P, BLOCK_C
+    )
     v_base = V + b.to(tl.int64) * stride_vb
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for t in range(COVER * COVER):
@@ -189,17 +199,9 @@ def _outlook_bwd_v(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     KK: tl.constexpr = K * K
-    bh = tl.program_id(1)
-    b = bh // N_HEADS
-    head = bh % N_HEADS
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < H * W
-    y = offs_p // W
-    x = offs_p % W
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < HEAD_DIM
-    chan = head * HEAD_DIM + offs_c
-    l_base = LOGITS + b.to(tl.int64) * stride_lb + head * (KK * KK) * stride_lc
+    b, head, offs_p, p_ok, y, x, offs_c, c_ok, chan, l_base = _pixel_block(
+        LOGITS, stride_lb, stride_lc, N_HEADS, H, W, HEAD_DIM, KK, BLOCK_P, BLOCK_C
+    )
     g_base = DOUT + b.to(tl.int64) * stride_gb
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for t in range(COVER * COVER):
