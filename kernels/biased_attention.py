@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masking import KeyRanges, block_bias_and_visibility
+from .masking import KeyRanges, dense_bias_and_visibility
 
 
 @dataclass
@@ -68,12 +68,9 @@ def biased_attention(
     logits = q.to(dtype) @ k.transpose(-1, -2) * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    mask_bias, visible = block_bias_and_visibility(
-        mask, 0, lq, lq, lk, causal=causal, sliding_window=sliding_window, device=q.device
+    mask_bias, visible = dense_bias_and_visibility(
+        mask, lq, lk, causal=causal, sliding_window=sliding_window, device=q.device
     )
-    if visible is None:
-        visible = torch.ones(1, 1, lq, lk, dtype=torch.bool, device=q.device)
-    visible = visible.reshape(-1, visible.shape[-3] if visible.dim() == 4 else 1, lq, lk)
     scores = logits if mask_bias is None else logits + mask_bias.to(dtype)
     if bias is not None:
         _check_bias(bias, (b, hq, lq, lk), bias_name)

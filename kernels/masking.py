@@ -84,6 +84,25 @@ def block_bias_and_visibility(
     return block.float(), _visible(block)
 
 
+def dense_bias_and_visibility(
+    mask: torch.Tensor | KeyRanges | None,
+    lq: int,
+    lk: int,
+    *,
+    causal: bool,
+    sliding_window: int | None,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`block_bias_and_visibility` for every query row at once, with the visibility always a 4-D bool tensor
+    [B|1, H|1, Lq, Lk] (all True when nothing is hidden). For the materialised paths (oracle, training attention)."""
+    bias, visible = block_bias_and_visibility(
+        mask, 0, lq, lq, lk, causal=causal, sliding_window=sliding_window, device=device
+    )
+    if visible is None:
+        visible = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    return bias, visible.reshape(-1, visible.shape[-3] if visible.dim() == 4 else 1, lq, lk)
+
+
 def query_rows(
     query_valid: torch.Tensor | None, mask: torch.Tensor | KeyRanges | None, batch: int, lq: int, device: torch.device
 ) -> torch.Tensor:

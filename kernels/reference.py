@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .masking import block_bias_and_visibility
+from .masking import dense_bias_and_visibility
 
 
 def _masked_logits(
@@ -27,14 +27,11 @@ def _masked_logits(
     logits = q.double() @ k.transpose(-1, -2) * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    bias, visible = block_bias_and_visibility(
-        mask, 0, lq, lq, lk, causal=causal, sliding_window=sliding_window, device=q.device
+    bias, visible = dense_bias_and_visibility(
+        mask, lq, lk, causal=causal, sliding_window=sliding_window, device=q.device
     )
     if bias is not None:
         logits = logits + bias.double()
-    if visible is None:
-        visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-    visible = visible.reshape(-1, visible.shape[-3] if visible.dim() == 4 else 1, lq, lk)
     return logits.masked_fill(~visible, float("-inf")), visible
 
 

@@ -65,6 +65,7 @@ class AdapterAttention(Method):
         self.adapter_layers = sorted(set(int(layer) for layer in layers))
         self.perturbations: dict[int, torch.Tensor] = {}
         self.leaves: dict[int, torch.Tensor] | None = None
+        self._leaf_layers: set[int] = set()
         self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.probes: dict[str, Probe] = {}
         self.probe_values: dict[str, torch.Tensor] = {}

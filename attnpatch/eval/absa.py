@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..adapters.pss import erase_tokens
+
 LABELS = {"n": 0, "0": 1, "p": 2}  # negative, neutral, positive
 LABEL_NAMES = ("negative", "neutral", "positive")
 _TAG = re.compile(r"^(.+)/([pn0])$")
@@ -105,8 +107,6 @@ def encode_words(
             aspect_mask[i, 0] = 1
         elif not aspect_mask[i].any():
             raise ValueError(f"example {i}: its aspect was truncated away (max_length={max_length})")
-    from ..adapters.pss import erase_tokens
-
     input_ids, attention_mask = erase_tokens(enc["input_ids"], enc["attention_mask"], erase, tokenizer.pad_token_id)
     return {
         "input_ids": input_ids,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,7 @@ from .ocw_metrics import (
     summarize_grouping,
 )
 from .ocw_solver import example_prefix, pair_scores, solve
+from .runner import SavedReport
 from .scoring import encode_context
 from .stats import bootstrap_ci, paired_comparison
 
@@ -54,7 +54,7 @@ TASK2_PAIRED = ("exact_match", "rouge1_f1")
 
 
 @dataclass
-class OCWReport:
+class OCWReport(SavedReport):
     """Per configuration: task 1 (and task 2) global metrics, error counts and per-wall records; paired comparisons of
     every other configuration with the first."""
 
@@ -136,14 +136,6 @@ class OCWReport:
                     f"| {name} | {metric} | {a:.3f} | {b:.3f} | {p['diff']:+.3f} | {lo:+.3f}..{hi:+.3f} | {pval:.2g} |"
                 )
         return rows
-
-    def save(self, prefix: str) -> tuple[str, str]:
-        """Write `<prefix>.json` and `<prefix>.md`; returns both paths."""
-        with open(prefix + ".json", "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        with open(prefix + ".md", "w", encoding="utf-8") as f:
-            f.write(self.to_markdown() + "\n")
-        return prefix + ".json", prefix + ".md"
 
 
 # ---------------------------------------------------------------------------------------------------- generation

@@ -24,8 +24,26 @@ from .tasks import Item, load_task
 Config = Mapping[str, Any] | Profile | None
 
 
+class SavedReport:
+    """A report that writes itself as JSON (`to_dict`) and markdown (`to_markdown`)."""
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def to_markdown(self) -> str:
+        raise NotImplementedError
+
+    def save(self, prefix: str) -> tuple[str, str]:
+        """Write `<prefix>.json` and `<prefix>.md`; returns both paths."""
+        with open(prefix + ".json", "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        with open(prefix + ".md", "w", encoding="utf-8") as f:
+            f.write(self.to_markdown() + "\n")
+        return prefix + ".json", prefix + ".md"
+
+
 @dataclass
-class EvalReport:
+class EvalReport(SavedReport):
     """Per task and configuration: accuracy, its 95% bootstrap interval, and the paired comparison with the first
     configuration (diff, its interval, McNemar p)."""
 
@@ -68,14 +86,6 @@ class EvalReport:
             lines.append(f"| {task} | {self.results[task][names[0]]['n']} | " + " | ".join(cells) + " |")
         lines.append("| average | | " + " | ".join(f"{self.average(n):.3f}" for n in names) + " |")
         return "\n".join(lines)
-
-    def save(self, prefix: str) -> tuple[str, str]:
-        """Write `<prefix>.json` and `<prefix>.md`; returns both paths."""
-        with open(prefix + ".json", "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        with open(prefix + ".md", "w", encoding="utf-8") as f:
-            f.write(self.to_markdown() + "\n")
-        return prefix + ".json", prefix + ".md"
 
 
 def _describe(config: Config) -> Any:
