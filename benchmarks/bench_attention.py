@@ -112,13 +112,14 @@ def make_history(shape: Shape, heads: int, device: torch.device, seed: int = 1):
 # ------------------------------------------------------------------------------------------------------- providers
 
 
-def eager_act(q, k, v, *, scale, beta, threshold, causal, kv_head_index=None, history=None):
+def eager_act(q, k, v, *, scale, beta, threshold, causal, kv_head_index=None, history=None, return_stats=False):
     """ACT the way the authors' code does it (our compact re-expression, not their code): K/V repeated for every query
     head, the [B, H, Lq, Lk] logits and softmax probabilities materialised in the input dtype (softmax computed in
     float32 as transformers' eager attention does), column means over the rows that see each key (plus the running
     history when decoding), sinks above the threshold minus the first one, each row's sink probabilities times beta
     and the freed mass spread over its other keys in proportion. Same semantics as `kernels.reference.act`.
-    Returns (out [B, Hq, Lq, D], sinks [B, Hq, Lk])."""
+    Returns (out [B, Hq, Lq, D], sinks [B, Hq, Lk]), and the running statistic over the Lk keys with
+    `return_stats` (what the next decoding step continues)."""
     b, hq, lq, _ = q.shape
     lk = k.shape[2]
     if kv_head_index is None:
@@ -147,6 +148,10 @@ def eager_act(q, k, v, *, scale, beta, threshold, causal, kv_head_index=None, hi
     live = rest > 0  # a row that sees only sinks is left alone
     c = torch.where(live, 1.0 + (1.0 - beta) * s / rest.clamp_min(1e-30), torch.ones_like(s))
     w = torch.where(sink_w, torch.where(live, beta, 1.0), c).to(q.dtype)
+    if return_stats:
+        from attnpatch.kernels.column_mass import ColumnStats
+
+        return (probs * w) @ v, sinks, ColumnStats(colsum=colsum, count=count)
     return (probs * w) @ v, sinks
 
 

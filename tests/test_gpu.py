@@ -19,6 +19,7 @@ from attnpatch.kernels.act import act_attention
 from attnpatch.kernels.attention import attention
 from attnpatch.kernels.backend import ENV_VAR
 from attnpatch.kernels.masking import KeyRanges, padding_ranges
+from tiny_models import SINK, SINK_2, planted_llama
 
 import attnpatch
 
@@ -254,60 +255,6 @@ def test_repeated_calls_are_bitwise_equal(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------------- whole model
 
-SINK, SINK_2 = 3, 4  # tokens whose keys attract most of every query's attention in `planted_llama`
-SINK_EMBEDDING, Q_GAIN, K_GAIN = 200.0, 1.0, 1.5
-
-
-def planted_llama(dtype, *, layers=16, device=DEVICE, seed=0):
-    """Random-weight Llama: hidden 2048, `layers` layers (16: ~0.85B parameters), 32 query / 8 kv heads of dim 64,
-    MLP 5632, vocab 32000; sdpa attention. Tokens SINK and SINK_2 attract most of the attention of every query in
-    every layer and head, as a trained model's first token and hidden sinks do: random weights alone give diffuse
-    attention whose column means sit near ACT's threshold, and which keys are sinks would be a coin toss between two
-    backends.
-
-    Hidden dimension 0 carries the sink: SINK_EMBEDDING in the sink tokens' embeddings (large enough to dominate the
-    residual stream's RMS in every layer), 0 in every other token's, and no layer reads or writes it except each k
-    projection, which copies it into the lowest-frequency rotary slot of each kv head (rotation is negligible there).
-    Each q projection puts a constant bias in that slot, so a sink key's logit is raised by about
-    Q_GAIN * K_GAIN * (normalised dimension 0, ~36 to 45) / 8 in every layer and head: the first sink token and the
-    middle one then share ~99% of a later row's attention, column means ~0.74 and ~0.5 against < 0.01 for every other
-    key. The two are different tokens, so their values differ and moving mass from one to the other shows in the
-    logits.
-    """
-    import transformers as tf
-
-    cfg = tf.LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=2048, attention_bias=True, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = tf.LlamaForCausalLM(cfg)
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    slot = hd // 2 - 1
-    with torch.no_grad():
-        emb = model.model.embed_tokens.weight
-        emb[:, 0] = 0.0
-        emb[[SINK, SINK_2], 0] = SINK_EMBEDDING
-        for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-                proj.weight[:, 0] = 0.0  # nothing reads dimension 0 ...
-            for proj in (attn.o_proj, mlp.down_proj):
-                proj.weight[0] = 0.0  # ... or writes it
-                if proj.bias is not None:
-                    proj.bias[0] = 0.0
-            for kv in range(cfg.num_key_value_heads):  # ... except the k projection's rotary slot
-                attn.k_proj.weight[kv * hd + slot] = 0.0
-                attn.k_proj.weight[kv * hd + slot, 0] = K_GAIN
-                attn.k_proj.bias[kv * hd + slot] = 0.0
-            for h in range(cfg.num_attention_heads):
-                attn.q_proj.weight[h * hd + slot] = 0.0
-                attn.q_proj.bias[h * hd + slot] = Q_GAIN
-    model.set_attn_implementation("sdpa")
-    return model.to(device=device, dtype=dtype).eval()
-
 
 def model_prompts(device=DEVICE):
     """Two left-padded prompts (48 and 31 tokens), each with SINK first and SINK_2 in the middle; and the middle
@@ -364,7 +311,7 @@ def assert_same_generation(base, other, prompt_len, tol, eos):
 
 @pytest.fixture(scope="module")
 def llama_bf16():
-    model = planted_llama(torch.bfloat16)
+    model = planted_llama(torch.bfloat16, device=DEVICE)
     yield model
     del model
     torch.cuda.empty_cache()
@@ -441,7 +388,7 @@ def test_model_act_backends_agree_bf16(monkeypatch, llama_bf16):
 
 
 def test_model_act_backends_agree_fp32(monkeypatch):
-    model = planted_llama(torch.float32)
+    model = planted_llama(torch.float32, device=DEVICE)
     try:
         check_model_backends_agree(monkeypatch, model, rel_tol=1e-3)
     finally:

@@ -182,3 +182,73 @@ def llama_for(tokenizer, *, layers: int = 2, positions: int = 256) -> torch.nn.M
         pad_token_id=tokenizer.pad_token_id,
     )
     return tf.LlamaForCausalLM(cfg).eval()
+
+
+SINK, SINK_2 = 3, 4  # tokens whose keys attract most of every query's attention in `planted_llama`
+SINK_EMBEDDING, Q_GAIN, K_GAIN = 200.0, 1.0, 1.5
+
+
+def planted_llama(
+    dtype: torch.dtype,
+    *,
+    device: str | torch.device = "cpu",
+    layers: int = 16,
+    hidden: int = 2048,
+    heads: int = 32,
+    kv_heads: int = 8,
+    intermediate: int = 5632,
+    positions: int = 2048,
+    rope_theta: float | None = None,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Random-weight Llama, by default hidden 2048, 16 layers (~0.85B parameters), 32 query / 8 kv heads of dim 64,
+    MLP 5632, vocab 32000; sdpa attention (rope_theta None: transformers' default). Tokens SINK and SINK_2 attract most
+    of the attention of every query in every layer and head, as a trained model's first token and hidden sinks do:
+    random weights alone give diffuse attention whose column means sit near ACT's threshold, and which keys are sinks
+    would be a coin toss between two backends.
+
+    Hidden dimension 0 carries the sink: SINK_EMBEDDING in the sink tokens' embeddings (large enough to dominate the
+    residual stream's RMS in every layer), 0 in every other token's, and no layer reads or writes it except each k
+    projection, which copies it into the lowest-frequency rotary slot of each kv head (rotation is small there over
+    a few thousand positions; pass a large rope_theta for long prompts). Each q projection puts a constant bias in
+    that slot, so a sink key's logit is raised by about Q_GAIN * K_GAIN * (normalised dimension 0, ~36 to 45 at
+    hidden 2048) / 8 in every layer and head (the q bias grows as sqrt(2048 / hidden) to keep that at other widths):
+    the first sink token and the middle one then share ~99% of a later row's attention, column means ~0.74 and ~0.5
+    against < 0.01 for every other key. The two are different tokens, so their values differ and moving mass from one
+    to the other shows in the logits.
+    """
+    import transformers as tf
+
+    rope = {} if rope_theta is None else {"rope_theta": rope_theta}
+    cfg = tf.LlamaConfig(
+        vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=positions,
+        attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2, **rope,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = tf.LlamaForCausalLM(cfg)
+    hd = hidden // heads
+    slot = hd // 2 - 1
+    q_gain = Q_GAIN * (2048 / hidden) ** 0.5
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 0.0
+        emb[[SINK, SINK_2], 0] = SINK_EMBEDDING
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                proj.weight[:, 0] = 0.0  # nothing reads dimension 0 ...
+            for proj in (attn.o_proj, mlp.down_proj):
+                proj.weight[0] = 0.0  # ... or writes it
+                if proj.bias is not None:
+                    proj.bias[0] = 0.0
+            for kv in range(kv_heads):  # ... except the k projection's rotary slot
+                attn.k_proj.weight[kv * hd + slot] = 0.0
+                attn.k_proj.weight[kv * hd + slot, 0] = K_GAIN
+                attn.k_proj.bias[kv * hd + slot] = 0.0
+            for h in range(heads):
+                attn.q_proj.weight[h * hd + slot] = 0.0
+                attn.q_proj.bias[h * hd + slot] = q_gain
+    model.set_attn_implementation("sdpa")
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The GPU suite in one device call: installs nothing (attnpatch runs from this tree; torch, triton, transformers,
+# timm and matplotlib are the machine's own), runs the GPU tests (the Triton kernel and model tests run their CUDA paths
+# there) and every GPU benchmark, and writes JSON, PNG plots, logs and a JUnit report.
+#
+#   bash benchmarks/run_gpu_suite.sh [--smoke] [STAGE ...]
+#
+# STAGE: env, tests, attention, var, outlook, generate; `bench` = the four benchmarks; default: all of them.
+# Results go to $RESULTS (default /tmp/attnpatch_gpu_suite); where $OUT is set (the device tool), they are packed into
+# $OUT/gpu_suite.tar.gz and the log is copied beside it. Unpack the archive into benchmarks/results/ and commit it.
+# A stage that fails or outruns STAGE_TIMEOUT seconds (default 540) is recorded in stages.tsv and the next one runs.
+# --smoke: the benchmarks' tiny shapes, on CPU too: a check of this script, not a measurement.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+RESULTS=${RESULTS:-/tmp/attnpatch_gpu_suite}
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-540}
+SMOKE=()
+STAGES=()
+for arg in "$@"; do
+    case "$arg" in
+    --smoke) SMOKE=(--smoke) ;;
+    bench) STAGES+=(attention var outlook generate) ;;
+    env | tests | attention | var | outlook | generate) STAGES+=("$arg") ;;
+    *)
+        echo "unknown argument $arg (stages: env tests attention var outlook generate bench; --smoke)" >&2
+        exit 2
+        ;;
+    esac
+done
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(env tests attention var outlook generate)
+mkdir -p "$RESULTS"
+LOG="$RESULTS/suite.log"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+: >"$RESULTS/stages.tsv"
+
+# attnpatch from this tree without installing anything: a package folder of links (`kernels/` is attnpatch.kernels);
+# pytest and inline Python run with -P so the checkout's own attnpatch/ folder (no kernels/ in it) never shadows it;
+# a script's own folder (benchmarks/) is first on its path, which is safe
+SITE=$RESULTS/.site
+rm -rf "$SITE" && mkdir -p "$SITE/attnpatch"
+ln -s "$ROOT"/attnpatch/* "$SITE/attnpatch/" && ln -s "$ROOT/kernels" "$SITE/attnpatch/kernels"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+PYP=("$PY" -P)
+"${PYP[@]}" -c "import attnpatch.kernels" || { echo "attnpatch does not import from $SITE" | tee -a "$LOG"; exit 1; }
+
+run_stage() { # name, command...: run with a time limit, log it, record its exit status and duration
+    local name=$1 start rc
+    shift
+    echo "=== $name: $*" | tee -a "$LOG"
+    start=$(date +%s)
+    if declare -F "$1" >/dev/null; then "$@"; else timeout "$STAGE_TIMEOUT" "$@"; fi 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    printf '%s\t%s\t%ss\n' "$name" "$rc" "$(($(date +%s) - start))" | tee -a "$RESULTS/stages.tsv"
+}
+
+env_report() {
+    { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true; } \
+        >"$RESULTS/nvidia_smi.csv"
+    "${PYP[@]}" - "$RESULTS/env.json" <<'EOF'
+import json, platform, sys
+import torch, transformers
+from attnpatch.kernels import backend
+import attnpatch
+info = {"attnpatch_from": attnpatch.__file__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "cuda": torch.version.cuda, "triton": backend.triton_version(), "transformers": transformers.__version__,
+        "machine": platform.machine()}
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                memory_gib=round(p.total_memory / 2**30, 1))
+for name in ("timm", "peft", "matplotlib"):
+    try:
+        info[name] = __import__(name).__version__
+    except ImportError:
+        info[name] = None
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(info))
+EOF
+}
+
+# the GPU tests, and the kernel and model tests, whose Triton paths run on CUDA there (TESTS overrides the list)
+DEFAULT_TESTS="tests/test_gpu.py tests/test_triton_kernels.py tests/test_triton_models.py tests/test_act_kernel.py"
+DEFAULT_TESTS+=" tests/test_var_kernel.py tests/test_var_model.py tests/test_outlook.py tests/test_decode.py"
+read -r -a GPU_TESTS <<<"${TESTS:-$DEFAULT_TESTS}"
+for stage in "${STAGES[@]}"; do
+    case "$stage" in
+    env) run_stage env env_report ;;
+    tests) run_stage tests "${PYP[@]}" -m pytest -q -p no:cacheprovider -rfEs --junitxml="$RESULTS/gpu_tests.xml" \
+        "${GPU_TESTS[@]}" ;;
+    attention) run_stage attention "$PY" benchmarks/bench_attention.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
+    var) run_stage var "$PY" benchmarks/bench_var.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
+    outlook) run_stage outlook "$PY" benchmarks/bench_outlook.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
+    generate) run_stage generate "$PY" benchmarks/bench_generate.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
+    esac
+done
+
+echo "stages (name, exit status, seconds):" && cat "$RESULTS/stages.tsv"
+if [ -n "${OUT:-}" ]; then
+    tar -czf "$OUT/gpu_suite.tar.gz" -C "$RESULTS" --exclude ./.site . && cp "$LOG" "$OUT/suite.log"
+    echo "packed $(tar -tzf "$OUT/gpu_suite.tar.gz" | wc -l) entries into \$OUT/gpu_suite.tar.gz (from $ROOT)"
+fi
+! grep -qv $'\t0\t' "$RESULTS/stages.tsv"
