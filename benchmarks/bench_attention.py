@@ -264,6 +264,13 @@ def build_providers(shape: Shape, q, k, v, *, cuda: bool) -> list[tuple[str, Cal
             note="materialised probabilities in the input dtype",
         )
 
+    def unfolded(make: Callable[[], Provider], name: str) -> Callable[[], Provider]:
+        def wrapped() -> Provider:
+            p = make()
+            return Provider(name, p.fn, previous_decode, p.note + "; one program per query head, two passes over K")
+
+        return wrapped
+
     factories = [("sdpa_flash" if cuda else "sdpa", sdpa)]
     if cuda:
         factories.append(("flex", flex))
@@ -273,7 +280,27 @@ def build_providers(shape: Shape, q, k, v, *, cuda: bool) -> list[tuple[str, Cal
         ("attnpatch_act_all", act("attnpatch_act_all", None)),
         ("eager_act", eager),
     ]
+    if decode:  # the decode path before NOTES.md's steps 1 and 2, measured beside it
+        factories += [
+            ("attnpatch_attention_unfolded", unfolded(ours, "attnpatch_attention_unfolded")),
+            ("attnpatch_act_all_unfolded", unfolded(act("attnpatch_act_all", None), "attnpatch_act_all_unfolded")),
+        ]
     return factories
+
+
+@contextlib.contextmanager
+def previous_decode():
+    """Decode as it ran before folding query-head groups into one program's rows and taking ACT's column mass from
+    the flash pass's logits (the switches `FOLD_DECODE_GROUPS`, `DECODE_MASS_FROM_LOGITS` off)."""
+    from attnpatch.kernels import act as act_module
+    from attnpatch.kernels._triton import flash
+
+    saved = flash.FOLD_DECODE_GROUPS, act_module.DECODE_MASS_FROM_LOGITS
+    flash.FOLD_DECODE_GROUPS = act_module.DECODE_MASS_FROM_LOGITS = False
+    try:
+        yield
+    finally:
+        flash.FOLD_DECODE_GROUPS, act_module.DECODE_MASS_FROM_LOGITS = saved
 
 
 # ------------------------------------------------------------------------------------------------------- measuring

@@ -5,9 +5,10 @@ elsewhere. Neither keeps a [B, H, Lq, Lk] tensor.
   pass B   each key's summed probability over the valid rows (column mass) -> running column mean (plus history);
   select   keys whose column mean passes the threshold -> sinks per (sequence, head);
   pass C   per row, sink mass S and P' = P * w with w = beta on sinks and c = 1 + (1 - beta) S / (1 - S) elsewhere.
-The Triton path runs A (flash kernel), B (column-mass kernel) and C as a gather over the few sink keys with the
-closed form o' = beta A_S + c (o - A_S); rows with S close to 1, where that subtraction loses precision, are
-recomputed exactly. The PyTorch path fuses A+B and recomputes logits in C, one block of rows at a time.
+The Triton path runs A (flash kernel), B (column-mass kernel; in a decode step, the probabilities from the logits
+that A writes, so K is read once) and C as a gather over the few sink keys with the closed form
+o' = beta A_S + c (o - A_S); rows with S close to 1, where that subtraction loses precision, are recomputed
+exactly. The PyTorch path fuses A+B and recomputes logits in C, one block of rows at a time.
 Statistics, softmax and accumulation run in float32 whatever the input dtype. GQA reads each query head's K/V
 group directly (no repeated K/V).
 """
@@ -34,6 +35,10 @@ from .masking import KeyRanges, query_rows, ranges_visible_count
 # Rows whose non-sink mass 1 - S is below this are recomputed exactly on the Triton path (the closed form divides
 # the rounding error of o - A_S by 1 - S).
 CLOSED_FORM_GUARD = 0.03
+# Decode (Lq = 1) on the Triton path takes the column mass from the logits the flash pass writes instead of a second
+# pass over K; False restores the column-mass kernel (kept to measure the two against each other).
+DECODE_MASS_FROM_LOGITS = True
+LOG2E = 1.4426950408889634
 
 
 @dataclass
@@ -187,8 +192,13 @@ def _act_triton(
     lk = k.shape[2]
     heads = dict(softcap=softcap, kv_head_index=kv_head_index)
     plain = torch.empty(b, hq, lq, d, dtype=torch.float32, device=q.device)
-    plain, lse = flash_forward(q, k, v, ranges, scale=scale, out=plain, **heads)
-    colsum = column_mass_forward(q, k, lse, ranges, query_valid, scale=scale, **heads)
+    if lq == 1 and DECODE_MASS_FROM_LOGITS:  # one pass over K/V: the column mass of one row is its probabilities
+        logits = torch.full((b, hq, 1, lk), float("-inf"), dtype=torch.float32, device=q.device)
+        plain, lse = flash_forward(q, k, v, ranges, scale=scale, out=plain, logits_out=logits, **heads)
+        colsum = column_mass_from_logits(logits, lse, query_valid)
+    else:
+        plain, lse = flash_forward(q, k, v, ranges, scale=scale, out=plain, **heads)
+        colsum = column_mass_forward(q, k, lse, ranges, query_valid, scale=scale, **heads)
     stats = _accumulate(history, colsum, ranges_visible_count(ranges, query_valid, lk), key_offset)
     sinks = select_sinks(stats, **select)[..., key_offset : key_offset + lk]
     index = sink_index(sinks)
@@ -201,6 +211,13 @@ def _act_triton(
     if bool(guarded.any()):
         _exact_rows(q, k, v, out, guarded, ranges, sinks, scale=scale, beta=beta, **heads)
     return ActOutput(out=out, stats=stats, sinks=sinks)
+
+
+def column_mass_from_logits(logits: torch.Tensor, lse: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
+    """[B, H, Lk] column mass from base-2 logits [B, H, Lq, Lk] (-inf where unseen) and the natural LSE [B, H, Lq]:
+    the sum over valid rows of exp(s - lse)."""
+    p = torch.exp2(logits - (lse * LOG2E).nan_to_num(neginf=0.0)[..., None])  # rows that see nothing: all -inf
+    return (p * query_valid.float()[:, None, :, None]).sum(2)
 
 
 def sink_index(sinks: torch.Tensor) -> torch.Tensor | None:

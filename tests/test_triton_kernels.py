@@ -270,6 +270,71 @@ def test_split_kv_decode_merges_exactly(triton_backend, lq, splits):
     assert (lse.double() - ref_lse).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("heads", ["groups", "subset"])
+def test_decode_folded_groups_and_logits(triton_backend, monkeypatch, heads, splits):
+    """Decode with grouped heads runs each kv head's query heads as one program's rows; a non-standard head map runs
+    one program per query head. Either way: the oracle's output and LSE, the same result with folding switched off,
+    and the logits buffer holds each row's base-2 logits on the keys it sees and -inf elsewhere (a fully padded
+    sequence's row sees nothing: LSE -inf, output 0)."""
+    from attnpatch.kernels._triton import flash
+
+    lk, d = 70, 48  # a head dim that is not a power of two
+    q = strided(3, 8, 1, d, dtype=torch.float32, seed=12)
+    k = strided(3, 2, lk, d, dtype=torch.float32, seed=13)
+    v = strided(3, 2, lk, d, dtype=torch.float32, seed=14)
+    kv_index = None if heads == "groups" else torch.tensor([1, 0, 0, 1, 1, 0, 1, 0])
+    pad = torch.ones(3, lk, dtype=torch.long)
+    pad[1, :33] = 0
+    pad[2] = 0
+    ranges = padding_ranges(pad, 1)
+    assert flash.decode_group(q, k, kv_index) == (4 if heads == "groups" else 1)
+    kv_rep = torch.arange(8) // 4 if kv_index is None else kv_index
+    ref_out, ref_lse = reference.attention(q, k[:, kv_rep], v[:, kv_rep], scale=0.2, mask=ranges)
+    logits_ref, visible = reference._masked_logits(q, k[:, kv_rep], scale=0.2, mask=ranges)
+    runs = []
+    for fold in (True, False):
+        monkeypatch.setattr(flash, "FOLD_DECODE_GROUPS", fold)
+        logits = torch.full((3, 8, 1, lk), float("-inf"))
+        out, lse = flash.flash_forward(
+            q, k, v, ranges, scale=0.2, kv_head_index=kv_index, num_splits=splits, logits_out=logits
+        )
+        assert (out.double() - ref_out).abs().max() <= 1e-5
+        seen = torch.isfinite(ref_lse)
+        assert (lse.double() - ref_lse)[seen].abs().max() <= 1e-5 and torch.isinf(lse[~seen]).all()
+        assert out[2].abs().max() == 0
+        shown = visible.expand_as(logits)
+        assert ((logits.double() - logits_ref * 1.4426950408889634)[shown]).abs().max() <= 1e-5
+        assert torch.isinf(logits[~shown]).all() and (logits[~shown] < 0).all()
+        runs.append((out, lse))
+    assert (runs[0][0] - runs[1][0]).abs().max() <= 1e-6
+
+
+def test_act_decode_mass_from_logits(triton_backend, monkeypatch):
+    """A decode step takes the column mass from the flash pass's logits: the oracle's statistic (history included)
+    and sinks, and the same as the column-mass kernel's; a padded row of a padded prompt counts nothing."""
+    import attnpatch.kernels.act as act_module
+
+    q, k, v = planted(2, 8, 2, 1, 40, 32, sinks=(0, 6), seed=21)
+    pad = [0, 9]
+    history = ColumnStats(colsum=torch.rand(2, 8, 39) * 4, count=torch.full((2, 1, 39), 9.0))
+    history.count[1, :, :9] = 0.0
+    mask = causal_mask(2, 1, 40, pad=pad)
+    ref = reference.act(q, k, v, mask=mask, history=(history.colsum, history.count), **ACT)
+    runs = {}
+    for from_logits in (True, False):
+        monkeypatch.setattr(act_module, "DECODE_MASS_FROM_LOGITS", from_logits)
+        runs[from_logits] = act_attention(q, k, v, mask=mask, history=history, **ACT)
+        assert torch.equal(runs[from_logits].sinks, ref["sinks"])
+        assert (runs[from_logits].stats.colsum.double() - ref["colsum"]).abs().max() <= 1e-6
+        assert (runs[from_logits].out.double() - ref["out"]).abs().max() <= 1e-5
+        skip_row_1 = torch.tensor([[True], [False]])
+        step = act_attention(q, k, v, mask=mask, history=history, query_valid=skip_row_1, **ACT)
+        assert torch.equal(step.stats.colsum[1, :, :39], history.colsum[1])
+        assert torch.equal(step.stats.colsum[0], runs[from_logits].stats.colsum[0])
+    assert (runs[True].stats.colsum - runs[False].stats.colsum).abs().max() <= 1e-6
+
+
 def test_padding_ranges_with_an_empty_row_and_bad_key_offset():
     ranges = padding_ranges(torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 1, 1]]), 4)
     assert ranges.nonempty().tolist() == [[True] * 4, [False] * 4, [False, False, True, True]]

@@ -3,6 +3,10 @@
 One program per (query block, batch x query head). The kv head of each query head is read from a table (GQA without
 repeating K/V). Each row sees the keys of its interval [lo, hi); the key loop runs over the union of the block's
 intervals in three parts: a masked left edge, an unmasked middle that every row sees whole, a masked right edge.
+
+Decode (Lq = 1) with grouped heads folds the query heads of each kv head into the rows of one program, so every
+K/V tile is read once per kv head rather than once per query head (strides only: no copy). The kernel can also
+write each row's base-2 logits, for ACT's column mass without a second pass over K.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..blocks import default_kv_heads
 from ..masking import KeyRanges
 from .common import (
     dot_precision,
@@ -26,14 +31,18 @@ from .common import (
     upcast,
 )
 
+# Decode with grouped heads runs each kv head's query heads as the rows of one program; False restores one program
+# per query head (kept to measure the two against each other).
+FOLD_DECODE_GROUPS = True
+
 
 @triton.jit
 def _key_tiles(
-    acc, l_i, m_i, q, k_base, v_base, lo, hi, start, end, LK, D,
-    stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap,
-    offs_n, offs_d,
+    acc, l_i, m_i, q, k_base, v_base, s_rows, lo, hi, start, end, LK, D,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, scale, softcap,
+    offs_n, offs_d, row_ok,
     MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, STORE_LOGITS: tl.constexpr,
 ):  # fmt: skip
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -44,6 +53,8 @@ def _key_tiles(
         if MASKED:
             seen = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
             s = tl.where(seen, s, float("-inf"))
+        if STORE_LOGITS:  # s_rows: pointers to column 0 of each row's logits
+            tl.store(s_rows[:, None] + cols[None, :] * stride_sn, s, mask=row_ok[:, None] & (cols < LK)[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -56,15 +67,17 @@ def _key_tiles(
 
 @triton.jit
 def _flash_fwd(
-    Q, K, V, O, LSE, LO, HI, KV_HEAD,
+    Q, K, V, O, LSE, LO, HI, KV_HEAD, S,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
+    stride_sb, stride_sh, stride_sm, stride_sn,
     stride_rb, stride_rm,
     stride_os, H, LQ, LK, D, SPLIT_KEYS, scale, softcap,
-    HAS_SOFTCAP: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, STORE_LSE: tl.constexpr, STORE_LOGITS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -89,23 +102,24 @@ def _flash_fwd(
     q = load_q_block(Q, b, h, offs_m, m_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd, UPCAST)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
+    s_rows = S + b * stride_sb + h * stride_sh + offs_m * stride_sm
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _key_tiles(
-        acc, l_i, m_i, q, k_base, v_base, lo, hi, first, left_end, LK, D,
-        stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, offs_n, offs_d,
-        True, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, EVEN_D,
+        acc, l_i, m_i, q, k_base, v_base, s_rows, lo, hi, first, left_end, LK, D,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, scale, softcap, offs_n, offs_d, row_ok,
+        True, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, EVEN_D, STORE_LOGITS,
     )  # fmt: skip
     acc, l_i, m_i = _key_tiles(
-        acc, l_i, m_i, q, k_base, v_base, lo, hi, full_lo, mid_end, LK, D,
-        stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, offs_n, offs_d,
-        False, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, EVEN_D,
+        acc, l_i, m_i, q, k_base, v_base, s_rows, lo, hi, full_lo, mid_end, LK, D,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, scale, softcap, offs_n, offs_d, row_ok,
+        False, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, EVEN_D, STORE_LOGITS,
     )  # fmt: skip
     acc, l_i, m_i = _key_tiles(
-        acc, l_i, m_i, q, k_base, v_base, lo, hi, right_start, right_end, LK, D,
-        stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, offs_n, offs_d,
-        True, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, EVEN_D,
+        acc, l_i, m_i, q, k_base, v_base, s_rows, lo, hi, right_start, right_end, LK, D,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, scale, softcap, offs_n, offs_d, row_ok,
+        True, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, EVEN_D, STORE_LOGITS,
     )  # fmt: skip
 
     live = row_ok & (l_i > 0)
@@ -138,40 +152,75 @@ def flash_forward(
     out: torch.Tensor | None = None,
     return_lse: bool = True,
     num_splits: int | None = None,
+    logits_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of q [B, Hq, Lq, D] over k, v [B, Hkv, Lk, D]; returns out (q's dtype unless `out` is given, e.g. an
     fp32 buffer) and the natural-log LSE [B, Hq, Lq] fp32 (-inf on rows that see no key).
 
     num_splits: split the keys into this many ranges run by separate programs and merge their partial results by
     LSE (flash-decoding); None chooses by occupancy (it only pays when there are few query blocks and many keys).
+    logits_out: a float32 [B, Hq, Lq, Lk] buffer that receives each row's base-2 logits (natural logits times
+    log2 e) on the keys it sees; the caller fills it with -inf first (keys no row of a query block sees are not
+    written).
     """
     b, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     if out is None:
         out = torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, L, H, D] memory
     lo, hi, srb, srm = range_args(ranges)
-    t = tiles(d, q.dtype, lq)
-    programs = triton.cdiv(lq, t.block_m) * b * hq
+    group = decode_group(q, k, kv_head_index)
+    if group > 1:  # rows = the query heads of one kv head; all of them see the one query's key range
+
+        def fold(t: torch.Tensor) -> torch.Tensor:
+            return t.squeeze(2).unflatten(1, (hkv, group))
+
+        q, out_rows, srm = fold(q), fold(out), 0
+        logits_rows = None if logits_out is None else fold(logits_out)
+        heads = head_map(None, hkv, hkv, q.device)
+    else:
+        out_rows, logits_rows, heads = out, logits_out, head_map(kv_head_index, hq, hkv, q.device)
+    lse = _launch(q, k, v, out_rows, logits_rows, lo, hi, srb, srm, heads, scale, softcap, return_lse, num_splits)
+    return out, (lse.view(b, hq, lq) if return_lse else None)
+
+
+def decode_group(q: torch.Tensor, k: torch.Tensor, kv_head_index: torch.Tensor | None) -> int:
+    """Query heads per kv head when a decode call (Lq = 1) can run them as the rows of one program (consecutive groups,
+    `FOLD_DECODE_GROUPS` on), else 1. A kv_head_index on the GPU is not inspected (that would synchronise)."""
+    hq, lq, hkv = q.shape[1], q.shape[2], k.shape[1]
+    if not FOLD_DECODE_GROUPS or lq != 1 or hq == hkv or hq % hkv:
+        return 1
+    if kv_head_index is not None and (
+        kv_head_index.device.type != "cpu" or not torch.equal(kv_head_index.long(), default_kv_heads(hq, hkv))
+    ):
+        return 1
+    return hq // hkv
+
+
+def _launch(q, k, v, out, logits, lo, hi, srb, srm, heads, scale, softcap, return_lse, num_splits) -> torch.Tensor:
+    """Run the kernel on q [B, H, M, D] (H, M: the program's heads and rows); returns the LSE [B, H, M]."""
+    b, h, m, d = q.shape
+    lk = k.shape[2]
+    t = tiles(d, q.dtype, m)
+    programs = triton.cdiv(m, t.block_m) * b * h
     splits = _num_splits(programs, lk, t.block_n, q.device) if num_splits is None else max(1, num_splits)
     split_keys = triton.cdiv(triton.cdiv(lk, splits), t.block_n) * t.block_n
     splits = triton.cdiv(lk, split_keys)
     if splits == 1:
-        target, lse = out, torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+        target, lse = out, torch.empty(b, h, m, dtype=torch.float32, device=q.device)
     else:
-        target = torch.empty(splits, b, hq, lq, d, dtype=torch.float32, device=q.device)
-        lse = torch.empty(splits, b, hq, lq, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(lq, t.block_m), b * hq, splits)
+        target = torch.empty(splits, b, h, m, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, b, h, m, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(m, t.block_m), b * h, splits)
     _flash_fwd[grid](
-        q, k, v, target, lse, lo, hi, head_map(kv_head_index, hq, hkv, q.device),
-        *strides4(q), *strides4(k), *strides4(v), *target.stride()[-4:], srb, srm,
-        target.stride(0) if splits > 1 else 0, hq, lq, lk, d, split_keys, float(scale), float(softcap or 1.0),
-        HAS_SOFTCAP=softcap is not None, STORE_LSE=return_lse or splits > 1, UPCAST=upcast(q.dtype),
-        PRECISION=dot_precision(q.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
-        EVEN_D=t.block_d == d, num_warps=t.num_warps, num_stages=t.num_stages,
+        q, k, v, target, lse, lo, hi, heads, lse if logits is None else logits,
+        *strides4(q), *strides4(k), *strides4(v), *target.stride()[-4:],
+        *((0, 0, 0, 0) if logits is None else strides4(logits)), srb, srm,
+        target.stride(0) if splits > 1 else 0, h, m, lk, d, split_keys, float(scale), float(softcap or 1.0),
+        HAS_SOFTCAP=softcap is not None, STORE_LSE=return_lse or splits > 1, STORE_LOGITS=logits is not None,
+        UPCAST=upcast(q.dtype), PRECISION=dot_precision(q.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        BLOCK_D=t.block_d, EVEN_D=t.block_d == d, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
-    if splits > 1:
-        lse = _merge_splits(target, lse, out)
-    return out, (lse if return_lse else None)
+    return _merge_splits(target, lse, out) if splits > 1 else lse
 
 
 def _num_splits(programs: int, lk: int, block_n: int, device: torch.device) -> int:
