@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/run_gpu_suite.sh [--smoke] [STAGE ...]
 #
-# STAGE: env, tests, attention, var, outlook, generate; `bench` = the four benchmarks; default: all of them.
+# STAGE: env, tests, attention, var, outlook, generate, tiles (the tile sweep of tune_tiles.py); `bench` = the four
+# benchmarks; default: all but tiles.
 # Results go to $RESULTS (default /tmp/attnpatch_gpu_suite); where $OUT is set (the device tool), they are packed into
 # $OUT/gpu_suite.tar.gz and the log is copied beside it. Unpack the archive into benchmarks/results/ and commit it.
 # A stage that fails or outruns STAGE_TIMEOUT seconds (default 540) is recorded in stages.tsv and the next one runs.
@@ -22,9 +23,9 @@ for arg in "$@"; do
     case "$arg" in
     --smoke) SMOKE=(--smoke) ;;
     bench) STAGES+=(attention var outlook generate) ;;
-    env | tests | attention | var | outlook | generate) STAGES+=("$arg") ;;
+    env | tests | attention | var | outlook | generate | tiles) STAGES+=("$arg") ;;
     *)
-        echo "unknown argument $arg (stages: env tests attention var outlook generate bench; --smoke)" >&2
+        echo "unknown argument $arg (stages: env tests attention var outlook generate tiles bench; --smoke)" >&2
         exit 2
         ;;
     esac
@@ -93,6 +94,7 @@ for stage in "${STAGES[@]}"; do
     var) run_stage var "$PY" benchmarks/bench_var.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
     outlook) run_stage outlook "$PY" benchmarks/bench_outlook.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
     generate) run_stage generate "$PY" benchmarks/bench_generate.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
+    tiles) run_stage tiles "$PY" benchmarks/tune_tiles.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
     esac
 done
 

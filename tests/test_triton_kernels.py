@@ -335,6 +335,23 @@ def test_act_decode_mass_from_logits(triton_backend, monkeypatch):
     assert (runs[True].stats.colsum - runs[False].stats.colsum).abs().max() <= 1e-6
 
 
+def test_tile_overrides_change_tiles_not_results(triton_backend, monkeypatch):
+    """The per-kernel tile override that tune_tiles.py sweeps: the kernels get the fixed tiles and still match the
+    oracle (ACT through all three prefill kernels, left padding included)."""
+    from attnpatch.kernels._triton import common
+
+    q, k, v = planted(2, 4, 2, 45, 45, 32, sinks=(0, 7), seed=31)
+    mask = causal_mask(2, 45, 45, pad=[0, 6])
+    ref = reference.act(q, k, v, mask=mask, **ACT)
+    for kernel in ("flash", "column_mass", "sink_correction"):
+        monkeypatch.setitem(common.TILE_OVERRIDES, kernel, common.Tiles(16, 16, 0, 4, 1))
+    assert common.tiles(32, torch.float32, 45, "flash") == common.Tiles(16, 16, 32, 4, 1)
+    fast = act_attention(q, k, v, mask=mask, **ACT)
+    assert torch.equal(fast.sinks, ref["sinks"]) and fast.sinks.any()
+    assert (fast.out.double() - ref["out"]).abs().max() <= 1e-5
+    assert (fast.stats.colsum.double() - ref["colsum"]).abs().max() <= 1e-5
+
+
 def test_padding_ranges_with_an_empty_row_and_bad_key_offset():
     ranges = padding_ranges(torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 1, 1]]), 4)
     assert ranges.nonempty().tolist() == [[True] * 4, [False] * 4, [False, False, True, True]]

@@ -87,7 +87,7 @@ def column_mass_forward(
     lo, hi, srb, srm = range_args(ranges)
     weight = query_weight.to(torch.float32).expand(b, lq)
     lse = lse.to(torch.float32).contiguous()
-    t = tiles(d, q.dtype, lq)
+    t = tiles(d, q.dtype, lq, "column_mass")
     grid = (triton.cdiv(lk, t.block_n), b * hq)
     _column_mass[grid](
         q, k, lse, weight, lo, hi, head_map(kv_head_index, hq, hkv, q.device), colsum,

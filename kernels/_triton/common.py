@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -59,9 +59,16 @@ class Tiles:
     num_stages: int
 
 
-def tiles(head_dim: int, dtype: torch.dtype, rows: int) -> Tiles:
+# Fixed tiles per kernel ("flash", "column_mass", "sink_correction", "var") while sweeping them on a GPU
+# (benchmarks/tune_tiles.py); kernels not named here use the rule in `tiles`.
+TILE_OVERRIDES: dict[str, Tiles] = {}
+
+
+def tiles(head_dim: int, dtype: torch.dtype, rows: int, kernel: str = "") -> Tiles:
     """Tile sizes for a flash-style kernel: larger tiles for 16-bit inputs, smaller for fp32 and head dim 256."""
     block_d = max(16, triton.next_power_of_2(head_dim))
+    if kernel in TILE_OVERRIDES:
+        return replace(TILE_OVERRIDES[kernel], block_d=block_d)
     if interpreting():
         return Tiles(32 if rows > 16 else 16, 32, block_d, 4, 1)
     block_m = 16 if rows <= 16 else (64 if block_d >= 256 or dtype == torch.float32 else 128)

@@ -200,7 +200,7 @@ def _launch(q, k, v, out, logits, lo, hi, srb, srm, heads, scale, softcap, retur
     """Run the kernel on q [B, H, M, D] (H, M: the program's heads and rows); returns the LSE [B, H, M]."""
     b, h, m, d = q.shape
     lk = k.shape[2]
-    t = tiles(d, q.dtype, m)
+    t = tiles(d, q.dtype, m, "flash")
     programs = triton.cdiv(m, t.block_m) * b * h
     splits = _num_splits(programs, lk, t.block_n, q.device) if num_splits is None else max(1, num_splits)
     split_keys = triton.cdiv(triton.cdiv(lk, splits), t.block_n) * t.block_n

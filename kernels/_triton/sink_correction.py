@@ -109,7 +109,7 @@ def sink_correction_forward(
     weight = query_weight.to(torch.float32).expand(b, lq)
     num_sinks = sink_index.shape[-1]
     sink_index = sink_index.to(torch.int32).contiguous()
-    t = tiles(d, q.dtype, lq)
+    t = tiles(d, q.dtype, lq, "sink_correction")
     block_k = 16 if num_sinks <= 16 else 32
     block_m = min(t.block_m, 64)
     grid = (triton.cdiv(lq, block_m), b * hq)

@@ -178,7 +178,7 @@ def var_forward(
     classes = classes.to(device=q.device, dtype=torch.int8)
     eligible = rows.to(device=q.device, dtype=torch.int8)
     n_image = ((classes & 2) > 0).sum(-1).to(torch.float32)
-    t = tiles(d, q.dtype, lq)
+    t = tiles(d, q.dtype, lq, "var")
     block_m = min(t.block_m, 64)  # three accumulators per row
     grid = (triton.cdiv(lq, block_m), b * hq)
     _var_fwd[grid](
