@@ -81,9 +81,7 @@ class EagerACT(ACT):
             q[:, dev_heads], k, call.value, scale=call.scale, beta=cfg.beta, threshold=cfg.threshold, causal=True,
             kv_head_index=heads // (hq // hkv), history=self._history_for(call), return_stats=True,
         )  # fmt: skip
-        self._history[call.layer] = stats
-        self._last_key[call.layer] = k[:, :, -1].clone()
-        self.last_sinks[call.layer] = sinks
+        self.remember(call, stats, sinks)
         if len(heads) == hq:
             return out.transpose(1, 2).contiguous(), None
         full = call.base()[0].clone()

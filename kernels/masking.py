@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +136,12 @@ def structural_ranges(
     return KeyRanges(lo=lo.expand(batch, lq).contiguous(), hi=hi.expand(batch, lq).contiguous())
 
 
+# The last few 4-D masks turned into KeyRanges: every layer of one forward passes the same mask tensor (models with
+# sliding-window layers alternate two), and checking a mask reads values back from the GPU, so it is done once.
+_CONVERTED: OrderedDict[tuple, tuple[weakref.ref, KeyRanges | None, str | None]] = OrderedDict()
+_CONVERTED_SIZE = 4
+
+
 def to_key_ranges(
     mask: torch.Tensor | KeyRanges | None,
     batch: int,
@@ -154,6 +162,21 @@ def to_key_ranges(
         return mask, None
     if mask is None:
         return structural_ranges(batch, lq, lk, causal=causal, sliding_window=sliding_window, device=device), None
+    key = (id(mask), mask._version, batch, lq, lk, str(device), block_elements)
+    hit = _CONVERTED.get(key)
+    if hit is not None and hit[0]() is mask:
+        return hit[1], hit[2]
+    ranges, reason = _mask_ranges(mask, batch, lq, lk, device=device, block_elements=block_elements)
+    _CONVERTED[key] = (weakref.ref(mask), ranges, reason)
+    while len(_CONVERTED) > _CONVERTED_SIZE:
+        _CONVERTED.popitem(last=False)
+    return ranges, reason
+
+
+def _mask_ranges(
+    mask: torch.Tensor, batch: int, lq: int, lk: int, *, device: torch.device, block_elements: int
+) -> tuple[KeyRanges | None, str | None]:
+    """`to_key_ranges` for a transformers 4-D mask (not memoised)."""
     if mask.dim() != 4 or mask.shape[1] != 1:
         return None, f"a per-head attention mask of shape {tuple(mask.shape)}"
     mask = mask[..., :lk]

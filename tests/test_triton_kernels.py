@@ -317,8 +317,11 @@ def test_act_decode_mass_from_logits(triton_backend, monkeypatch):
 
     q, k, v = planted(2, 8, 2, 1, 40, 32, sinks=(0, 6), seed=21)
     pad = [0, 9]
-    history = ColumnStats(colsum=torch.rand(2, 8, 39) * 4, count=torch.full((2, 1, 39), 9.0))
+    g = torch.Generator().manual_seed(3)
+    mean = torch.where(torch.rand(2, 8, 39, generator=g) > 0.9, 0.3, 0.02)  # clear of the threshold either way
+    history = ColumnStats(colsum=mean * 9.0, count=torch.full((2, 1, 39), 9.0))
     history.count[1, :, :9] = 0.0
+    history.colsum[1, :, :9] = 0.0
     mask = causal_mask(2, 1, 40, pad=pad)
     ref = reference.act(q, k, v, mask=mask, history=(history.colsum, history.count), **ACT)
     runs = {}
@@ -350,6 +353,33 @@ def test_tile_overrides_change_tiles_not_results(triton_backend, monkeypatch):
     assert torch.equal(fast.sinks, ref["sinks"]) and fast.sinks.any()
     assert (fast.out.double() - ref["out"]).abs().max() <= 1e-5
     assert (fast.stats.colsum.double() - ref["colsum"]).abs().max() <= 1e-5
+
+
+def test_mask_conversion_is_memoised_per_mask_tensor(monkeypatch):
+    """Every layer of a forward passes the same 4-D mask: it is checked and converted once; an in-place change or
+    another mask tensor is converted afresh, and a refused mask stays refused."""
+    from attnpatch.kernels import masking
+
+    calls = []
+    convert = masking._mask_ranges
+    monkeypatch.setattr(masking, "_mask_ranges", lambda *a, **kw: calls.append(1) or convert(*a, **kw))
+    mask = causal_mask(2, 5, 9, pad=[0, 3])
+    geometry = dict(causal=True, sliding_window=None, device=torch.device("cpu"))
+    first, _ = masking.to_key_ranges(mask, 2, 5, 9, **geometry)
+    again, _ = masking.to_key_ranges(mask, 2, 5, 9, **geometry)
+    assert again is first and len(calls) == 1
+    mask[1, :, :, 3] = False  # now key 3 is hidden too
+    changed, _ = masking.to_key_ranges(mask, 2, 5, 9, **geometry)
+    assert len(calls) == 2 and changed.lo[1].tolist() == [4] * 5 and first.lo[1].tolist() == [3] * 5
+    other = causal_mask(2, 5, 9, pad=[0, 3])
+    masking.to_key_ranges(other, 2, 5, 9, **geometry)
+    assert len(calls) == 3
+    holes = causal_mask(1, 2, 6)
+    holes[..., 2] = False  # two intervals per row
+    for _ in range(2):
+        ranges, reason = masking.to_key_ranges(holes, 1, 2, 6, **geometry)
+        assert ranges is None and "not one interval" in reason
+    assert len(calls) == 4
 
 
 def test_padding_ranges_with_an_empty_row_and_bad_key_offset():

@@ -71,6 +71,7 @@ class ACT(Method):
                 sum(len(h) for h in self.heads.values()),
             )
         self._head_index = {layer: torch.tensor(h) for layer, h in self.heads.items()}
+        self._check_layer = min(self.heads, default=None)  # where a reordered KV cache is detected
         self._history: dict[int, ColumnStats] = {}
         self._last_key: dict[int, torch.Tensor] = {}
         self.last_sinks: dict[int, torch.Tensor] = {}  # layer -> [B, H_selected, Lk] bool, from the latest call
@@ -105,7 +106,9 @@ class ACT(Method):
                 f"(cache holds {call.past_length} tokens for batch {batch}, statistic shape {seen}); "
                 "start the sequence again without a cache, or call patch.reset() before a new one."
             )
-        last = self._last_key.get(call.layer)
+        # a reordered cache (beam search) reorders every layer: checking the first calibrated one is enough, and the
+        # comparison reads back from the GPU, so once per step rather than once per layer
+        last = self._last_key.get(call.layer) if call.layer == self._check_layer else None
         index = call.past_length - 1 - call.key_offset
         if last is not None and 0 <= index < call.key.shape[2] and not torch.equal(last, call.key[:, :, index]):
             raise RuntimeError(
@@ -113,6 +116,13 @@ class ACT(Method):
                 "per-sequence sink statistic cannot follow that; use greedy decoding or sampling (num_beams=1)."
             )
         return history
+
+    def remember(self, call: AttentionCall, stats: ColumnStats, sinks: torch.Tensor) -> None:
+        """Keep a call's running statistic for the next step, and its sinks."""
+        self._history[call.layer] = stats
+        if call.layer == self._check_layer:
+            self._last_key[call.layer] = call.key[:, :, -1].clone()
+        self.last_sinks[call.layer] = sinks
 
     def attend(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         heads = self._head_index.get(call.layer)
@@ -143,9 +153,7 @@ class ACT(Method):
             key_offset=call.key_offset,
             return_probs=call.output_attentions,
         )
-        self._history[call.layer] = result.stats
-        self._last_key[call.layer] = k[:, :, -1].clone()
-        self.last_sinks[call.layer] = result.sinks
+        self.remember(call, result.stats, result.sinks)
         if every_head:
             out = result.out.transpose(1, 2).contiguous()
         else:
