@@ -544,8 +544,11 @@ def describe_path(device: torch.device) -> tuple[str, dict]:
     return name, {"path": path, "why": why, "ATTNPATCH_BACKEND": backend.requested()}
 
 
-def write_report(out_dir: str | Path, stem: str, name: str, compute_path: dict, config: dict, sanity, results) -> Path:
-    """Write the benchmark JSON (device, versions, path, config, sanity checks, results); returns its path."""
+def write_report(
+    out_dir: str | Path, stem: str, name: str, compute_path: dict, config: dict, sanity, results, *, quiet=False
+) -> Path:
+    """Write the benchmark JSON (device, versions, path, config, sanity checks, results); returns its path. The
+    scripts write it after every shape too (`quiet`), so a run cut short by a time limit keeps what it measured."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -558,7 +561,8 @@ def write_report(out_dir: str | Path, stem: str, name: str, compute_path: dict, 
     }
     json_path = out / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {json_path}")
+    if not quiet:
+        print(f"wrote {json_path}")
     return json_path
 
 
@@ -620,10 +624,6 @@ def main() -> None:
             print("sanity:", json.dumps(checks[-1]), flush=True)
 
     timer = Timer(cuda, warmup, repeats)
-    results = []
-    for shape in shapes:
-        results += measure_shape(shape, device, timer, set(args.providers) if args.providers else None)
-
     stem = f"attention_{slug(name)}" + ("_smoke" if args.smoke else "")
     config = dict(
         dims,
@@ -637,6 +637,10 @@ def main() -> None:
         flops="4 B Hq Lq Lk D (halved for causal prefill), attention-equivalent for ACT",
         smoke=args.smoke,
     )  # fmt: skip
+    results = []
+    for shape in shapes:
+        results += measure_shape(shape, device, timer, set(args.providers) if args.providers else None)
+        write_report(args.out_dir, stem, name, compute_path, config, checks, results, quiet=True)
     json_path = write_report(args.out_dir, stem, name, compute_path, config, checks, results)
     try:
         png = json_path.with_suffix(".png")

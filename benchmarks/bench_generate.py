@@ -250,13 +250,6 @@ def main() -> None:
         checks = {"error": _error(e)}
     print("sanity:", checks, flush=True)
 
-    rows = []
-    for n in lengths:
-        ids = prompt(n, device)
-        for variant in args.variants:
-            rows.append(measure(model, ids, variant, new_tokens=new_tokens, cuda=cuda, warmup=warmup, repeats=repeats))
-    add_ratios(rows)
-
     config = dict(
         model=dict(shape, parameters=params, dtype=str(dtype).removeprefix("torch."), sinks="planted: first, middle"),
         act="attnpatch defaults (beta 0.4, threshold 0.1, every head of layers 2..L-2)",
@@ -268,6 +261,13 @@ def main() -> None:
         smoke=args.smoke,
     )
     stem = f"generate_{slug(name)}" + ("_smoke" if args.smoke else "")
+    rows = []
+    for n in lengths:
+        ids = prompt(n, device)
+        for variant in args.variants:
+            rows.append(measure(model, ids, variant, new_tokens=new_tokens, cuda=cuda, warmup=warmup, repeats=repeats))
+        add_ratios(rows)
+        write_report(args.out_dir, stem, name, compute_path, config, checks, rows, quiet=True)
     write_report(args.out_dir, stem, name, compute_path, config, checks, rows)
 
 

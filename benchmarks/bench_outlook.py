@@ -242,10 +242,6 @@ def main() -> None:
     check = sanity(shapes[0] if args.smoke else Shape("d1", 8, 28, 192, 6, shapes[0].dtype), device)
     print("sanity:", json.dumps(check), flush=True)
 
-    results = []
-    for shape in shapes:
-        results += measure(shape, device, timer, copy_gbs)
-
     stem = f"outlook_{ba.slug(name)}" + ("_smoke" if args.smoke else "")
     config = dict(
         kernel_size=K,
@@ -258,6 +254,10 @@ def main() -> None:
         levels="op: linear outputs -> folded channels-last result; module: whole timm OutlookAttention",
         smoke=args.smoke,
     )  # fmt: skip
+    results = []
+    for shape in shapes:
+        results += measure(shape, device, timer, copy_gbs)
+        ba.write_report(args.out_dir, stem, name, compute_path, config, check, results, quiet=True)
     ba.write_report(args.out_dir, stem, name, compute_path, config, check, results)
 
 

@@ -137,10 +137,6 @@ def main() -> None:
     for check in checks:
         print("sanity:", json.dumps(check), flush=True)
     timer = ba.Timer(cuda, warmup, repeats)
-    results = []
-    for shape in shapes:
-        results += ba.measure_shape(shape, device, timer, None, build=build_providers)
-
     stem = f"var_{ba.slug(name)}" + ("_smoke" if args.smoke else "")
     config = dict(
         dims,
@@ -152,6 +148,10 @@ def main() -> None:
         timing=ba.timing_note(cuda),
         smoke=args.smoke,
     )  # fmt: skip
+    results = []
+    for shape in shapes:
+        results += ba.measure_shape(shape, device, timer, None, build=build_providers)
+        ba.write_report(args.out_dir, stem, name, compute_path, config, checks, results, quiet=True)
     json_path = ba.write_report(args.out_dir, stem, name, compute_path, config, checks, results)
     try:
         ba.plot(results, json_path.with_suffix(".png"), f"VAR on {name}; {dims}")

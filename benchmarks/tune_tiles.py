@@ -147,17 +147,18 @@ def main() -> None:
                   for d in args.head_dims]  # fmt: skip
         configs = [dict(zip(GRID, values, strict=True)) for values in itertools.product(*GRID.values())]
     name, compute_path = describe_path(device)
-    rows = []
-    for shape in shapes:
-        rows += sweep(shape, device, timer, configs)
-    best = best_per_kernel(rows)
-    for b in best:
-        print(f"d={b['d']:>3} {b['kernel']:>16}: default {b['default_ms']:.3f} ms, best {b['best_ms']:.3f} ms "
-              f"({b['best_vs_default']:.2f}x) with {b['best']}")  # fmt: skip
     config = dict(length=shapes[0].lk, heads="32 query / 8 kv" if not args.smoke else "4 / 2", causal=True,
                   dtype=shapes[0].dtype, grid=GRID if not args.smoke else configs, repeats=repeats, warmup=warmup,
                   timing=timing_note(cuda), smoke=args.smoke)  # fmt: skip
     stem = f"tiles_{slug(name)}" + ("_smoke" if args.smoke else "")
+    rows = []
+    for shape in shapes:
+        rows += sweep(shape, device, timer, configs)
+        write_report(args.out_dir, stem, name, compute_path, config, best_per_kernel(rows), rows, quiet=True)
+    best = best_per_kernel(rows)
+    for b in best:
+        print(f"d={b['d']:>3} {b['kernel']:>16}: default {b['default_ms']:.3f} ms, best {b['best_ms']:.3f} ms "
+              f"({b['best_vs_default']:.2f}x) with {b['best']}")  # fmt: skip
     write_report(args.out_dir, stem, name, compute_path, config, best, rows)
 
 
