@@ -25,7 +25,9 @@ def tiny_vit(seed: int = 0, *, image_size: int = 16, layers: int = 2, labels: in
 
 def decisive_vit(seed: int = 0):
     """tiny_vit whose head DECISIVE writes 8x its usual output into the residual stream and every other head of its
-    layer half its usual; the classifier is sharpened so that predictions are confident."""
+    layer half its usual; the classifier is sharpened so that predictions are confident, and its bias centres the
+    logits of random images so that they spread over the classes (whatever the random initialisation, which differs
+    between torch versions)."""
     model = tiny_vit(seed)
     layer, head = DECISIVE
     d = 8
@@ -34,6 +36,8 @@ def decisive_vit(seed: int = 0):
         for h in range(4):
             weight[:, h * d : (h + 1) * d] *= 8.0 if h == head else 0.5
         model.classifier.weight *= 10.0
+        probe = torch.randn(256, 1, 16, 16, generator=torch.Generator().manual_seed(seed + 1))
+        model.classifier.bias -= model(pixel_values=probe).logits.mean(0)
     return model
 
 
