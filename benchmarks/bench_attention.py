@@ -289,18 +289,25 @@ def build_providers(shape: Shape, q, k, v, *, cuda: bool) -> list[tuple[str, Cal
 
 
 @contextlib.contextmanager
+def switched_off(*switches: tuple[object, str]):
+    """Set each (module, name) switch to False for the duration (to time a previous code path beside the new one)."""
+    saved = [getattr(module, name) for module, name in switches]
+    for module, name in switches:
+        setattr(module, name, False)
+    try:
+        yield
+    finally:
+        for (module, name), value in zip(switches, saved, strict=True):
+            setattr(module, name, value)
+
+
 def previous_decode():
     """Decode as it ran before folding query-head groups into one program's rows and taking ACT's column mass from
     the flash pass's logits (the switches `FOLD_DECODE_GROUPS`, `DECODE_MASS_FROM_LOGITS` off)."""
     from attnpatch.kernels import act as act_module
     from attnpatch.kernels._triton import flash
 
-    saved = flash.FOLD_DECODE_GROUPS, act_module.DECODE_MASS_FROM_LOGITS
-    flash.FOLD_DECODE_GROUPS = act_module.DECODE_MASS_FROM_LOGITS = False
-    try:
-        yield
-    finally:
-        flash.FOLD_DECODE_GROUPS, act_module.DECODE_MASS_FROM_LOGITS = saved
+    return switched_off((flash, "FOLD_DECODE_GROUPS"), (act_module, "DECODE_MASS_FROM_LOGITS"))
 
 
 # ------------------------------------------------------------------------------------------------------- measuring

@@ -85,7 +85,21 @@ def build_providers(shape: ba.Shape, q, k, v, *, cuda: bool):
 
         return ba.Provider("eager_var", run, note="materialised probabilities in the input dtype")
 
-    return [*plain, ("attnpatch_var", ours), ("eager_var", eager)]
+    def unsplit() -> ba.Provider:
+        p = ours()
+        note = "one program per query head, no key split"
+        return ba.Provider("attnpatch_var_unsplit", p.fn, previous_var_decode, note)
+
+    decode = [("attnpatch_var_unsplit", unsplit)] if shape.mode == "decode" else []
+    return [*plain, ("attnpatch_var", ours), ("eager_var", eager), *decode]
+
+
+def previous_var_decode():
+    """VAR decode as it ran before the key split and the query-head folding (switches off), measured beside it."""
+    from attnpatch.kernels._triton import flash
+    from attnpatch.kernels._triton import var as var_kernel
+
+    return ba.switched_off((flash, "FOLD_DECODE_GROUPS"), (var_kernel, "SPLIT_KEYS"))
 
 
 def sanity(shape: ba.Shape, device: torch.device) -> dict:

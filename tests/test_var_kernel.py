@@ -65,10 +65,23 @@ CASES = {
 }
 
 
+@pytest.fixture(params=[None, 3], ids=["one-key-range", "three-key-ranges"])
+def key_ranges(request, monkeypatch):
+    """The Triton kernel with its keys split over 3 programs per query block and the partial results merged (on the
+    GPU this happens by occupancy, mostly in decode)."""
+    if request.param is not None and backend.triton_version() is not None:
+        from attnpatch.kernels._triton import var as var_kernel
+
+        monkeypatch.setattr(var_kernel, "key_splits", lambda *args: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("path", paths())
 @pytest.mark.parametrize("convention", ["paper", "code"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_oracle(path, convention, case):
+def test_matches_oracle(path, convention, case, key_ranges):
+    if path == "torch" and key_ranges:
+        pytest.skip("key ranges are a Triton kernel option")
     b, hq, hkv, lq, lk, d, causal, first_row = CASES[case]
     q, k, v, sinks, img = var_inputs(b, hq, hkv, lq, lk, d, seed=list(CASES).index(case))
     rows = torch.zeros(b, lq, dtype=torch.bool)
@@ -97,8 +110,10 @@ def test_fp16_within_twice_torch_error(path):
 
 
 @pytest.mark.parametrize("path", paths())
-def test_left_padding_per_row_spans_and_two_images(path):
+def test_left_padding_per_row_spans_and_two_images(path, key_ranges):
     """Two sequences, left padded by 0 and 6, with the image spans at different places; the second has two images."""
+    if path == "torch" and key_ranges:
+        pytest.skip("key ranges are a Triton kernel option")
     b, h, lk, d = 2, 4, 48, 16
     q, k, v, sinks, img = var_inputs(b, h, h, lk, lk, d, image=(10, 26), visual_sinks=(12,), seed=3)
     img[1] = False
@@ -164,3 +179,32 @@ def test_bad_arguments_are_errors():
         var_attention(q, k, v, scale=SCALE, sinks=sinks, image=img, convention="paperish")
     with pytest.raises(ValueError, match=r"\[B, Lk\]"):
         var_attention(q, k, v, scale=SCALE, sinks=sinks[:, :10], image=img)
+
+
+@pytest.mark.skipif("triton" not in paths(), reason="needs Triton (CUDA or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_folded_groups_equal_one_program_per_head(monkeypatch, splits):
+    """A decode step runs each kv head's query heads as one program's rows; with folding off (one program per query
+    head) the output and selection are the same, and both match the oracle; a fully padded sequence gives 0."""
+    from attnpatch.kernels._triton import flash
+    from attnpatch.kernels._triton import var as var_kernel
+
+    monkeypatch.setattr(var_kernel, "key_splits", lambda *args: splits)
+    q, k, v, sinks, img = var_inputs(3, 8, 2, 1, 60, 16, seed=7)
+    pad = torch.ones(3, 60, dtype=torch.bool)
+    pad[1, :5] = False
+    pad[2] = False
+    mask = padding_ranges(pad, 1, causal=True)
+    rows = torch.tensor([[True], [False], [True]])  # sequence 1's query may not be changed
+    rule = dict(keep_fraction=0.6, rho=0.8, summ=0.2, convention="paper")
+    want = oracle(q, k, v, sinks=sinks, image=img, rows=rows, mask=mask, **rule)
+    assert want["selected"][0].any() and not want["selected"][0].all() and not want["selected"][1].any()
+    runs = []
+    for fold in (True, False):
+        monkeypatch.setattr(flash, "FOLD_DECODE_GROUPS", fold)
+        got = run("triton", q, k, v, sinks=sinks, image=img, rows=rows, mask=mask, **rule)
+        assert torch.equal(got.selected.cpu(), want["selected"])
+        torch.testing.assert_close(got.out.double().cpu(), want["out"], atol=2e-5, rtol=0)
+        assert got.out[2].abs().max() == 0
+        runs.append(got)
+    assert (runs[0].out - runs[1].out).abs().max() <= 1e-6

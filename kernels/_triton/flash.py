@@ -202,7 +202,7 @@ def _launch(q, k, v, out, logits, lo, hi, srb, srm, heads, scale, softcap, retur
     lk = k.shape[2]
     t = tiles(d, q.dtype, m, "flash")
     programs = triton.cdiv(m, t.block_m) * b * h
-    splits = _num_splits(programs, lk, t.block_n, q.device) if num_splits is None else max(1, num_splits)
+    splits = key_splits(programs, lk, t.block_n, q.device) if num_splits is None else max(1, num_splits)
     split_keys = triton.cdiv(triton.cdiv(lk, splits), t.block_n) * t.block_n
     splits = triton.cdiv(lk, split_keys)
     if splits == 1:
@@ -223,8 +223,9 @@ def _launch(q, k, v, out, logits, lo, hi, srb, srm, heads, scale, softcap, retur
     return _merge_splits(target, lse, out) if splits > 1 else lse
 
 
-def _num_splits(programs: int, lk: int, block_n: int, device: torch.device) -> int:
-    """Enough key splits to give every SM about two programs, each split at least 4 key tiles long."""
+def key_splits(programs: int, lk: int, block_n: int, device: torch.device) -> int:
+    """How many key ranges to run in separate programs (flash-decoding): enough to give every SM about two
+    programs, each range at least 4 key tiles long; 1 off the GPU."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -5,6 +5,10 @@ softmax max and normaliser, each row keeps the partial normalisers of the sink, 
 and three value accumulators (other, sink, image non-sink), all rescaled together. Tiles holding no sink or image key
 take the plain flash step (one PV product); the others split P by class (three products). The epilogue decides per
 row whether it is image-centric and combines the accumulators with non-negative weights.
+
+With few query blocks (decode) the keys are split over programs: each writes its partial statistics and
+accumulators, and a merge kernel rescales them to a common max and runs the same epilogue. A decode step with grouped
+heads also runs each kv head's query heads as the rows of one program (as the flash kernel does).
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from .common import (
     tiles,
     upcast,
 )
+from .flash import decode_group, key_splits
+
+# Decode splits the keys over programs when few query blocks would leave SMs idle; False keeps one program per query
+# block and head (kept to measure the two against each other).
+SPLIT_KEYS = True
 
 
 @triton.jit
@@ -73,19 +82,50 @@ def _class_tiles(
 
 
 @triton.jit
+def _var_epilogue(
+    O, SEL, ROWS, NIMG, acc_o, acc_s, acc_i, l_i, l_s, l_v, l_n, live, b, h, bh, offs_m, offs_d, m_ok, d_ok,
+    stride_ob, stride_oh, stride_om, stride_od, stride_eb, stride_em, LQ, keep, rho, summ, CODE_RULE: tl.constexpr,
+):  # fmt: skip
+    """Which live rows are image-centric (masses here are unnormalised, i.e. times l_i); store their output, the
+    three accumulators combined with non-negative weights, and the selection."""
+    eligible = tl.load(ROWS + b * stride_eb + offs_m * stride_em, mask=m_ok, other=0) != 0
+    image = l_v + l_n
+    if CODE_RULE:
+        centric = l_v <= rho * (image + tl.load(NIMG + b) * 1e-6 * l_i)
+    else:
+        centric = l_n >= rho * image
+    chosen = live & eligible & centric & (image >= summ * l_i) & (l_n > 0)
+    gain = tl.where(chosen, (1.0 - keep) * l_s / tl.where(l_n > 0, l_n, 1.0), 0.0)
+    w_sink = tl.where(chosen, keep, 1.0)
+    l_safe = tl.where(live, l_i, 1.0)
+    out = acc_o + w_sink[:, None] * acc_s + (1.0 + gain)[:, None] * acc_i
+    out = tl.where(live[:, None], out / l_safe[:, None], 0.0)
+    tl.store(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(SEL + bh * LQ + offs_m, chosen.to(tl.int8), mask=m_ok)
+
+
+@triton.jit
 def _var_fwd(
-    Q, K, V, O, SEL, LO, HI, KV_HEAD, CLS, ROWS, NIMG,
+    Q, K, V, O, SEL, LO, HI, KV_HEAD, CLS, ROWS, NIMG, STATS, ACCS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_rb, stride_rm, stride_cb, stride_cn, stride_eb, stride_em,
-    H, LQ, LK, D, scale, softcap, keep, rho, summ,
+    H, LQ, LK, D, SPLIT_KEYS, scale, softcap, keep, rho, summ,
     CODE_RULE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)  # PARTIAL: this program covers keys [split0, split1) and writes partial results
+    split0 = split * SPLIT_KEYS
+    split1 = split0 + SPLIT_KEYS
     b = bh // H
     h = bh % H
     kvh = tl.load(KV_HEAD + h)
@@ -97,7 +137,9 @@ def _var_fwd(
 
     lo, hi = row_ranges(LO, HI, b, offs_m, m_ok, stride_rb, stride_rm)
     row_ok = m_ok & (lo < hi)
-    first, left_end, full_lo, mid_end, right_start, right_end = key_loop_bounds(lo, hi, row_ok, LK, 0, LK, BLOCK_N)
+    first, left_end, full_lo, mid_end, right_start, right_end = key_loop_bounds(
+        lo, hi, row_ok, LK, split0, split1, BLOCK_N
+    )
 
     q = load_q_block(Q, b, h, offs_m, m_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd, UPCAST)
     k_base = K + b * stride_kb + kvh * stride_kh
@@ -127,27 +169,75 @@ def _var_fwd(
         True, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, EVEN_D,
     )  # fmt: skip
 
-    # epilogue: image-centric rows (masses here are unnormalised, i.e. times l_i)
-    live = row_ok & (l_i > 0)
-    eligible = tl.load(ROWS + b * stride_eb + offs_m * stride_em, mask=m_ok, other=0) != 0
-    image = l_v + l_n
-    if CODE_RULE:
-        n_image = tl.load(NIMG + b)
-        centric = l_v <= rho * (image + n_image * 1e-6 * l_i)
+    if PARTIAL:  # STATS [S, 5, B*H, LQ]: m, l_i, l_s, l_v, l_n; ACCS [S, 3, B*H, LQ, D]: o, s, i
+        stat = STATS + (split * 5 * tl.num_programs(1) + bh) * LQ + offs_m
+        plane = tl.num_programs(1) * LQ
+        tl.store(stat, m_i, mask=m_ok)
+        tl.store(stat + plane, l_i, mask=m_ok)
+        tl.store(stat + 2 * plane, l_s, mask=m_ok)
+        tl.store(stat + 3 * plane, l_v, mask=m_ok)
+        tl.store(stat + 4 * plane, l_n, mask=m_ok)
+        acc = ACCS + ((split * 3 * tl.num_programs(1) + bh) * LQ + offs_m[:, None]) * D + offs_d[None, :]
+        ok = m_ok[:, None] & d_ok[None, :]
+        tl.store(acc, acc_o, mask=ok)
+        tl.store(acc + plane * D, acc_s, mask=ok)
+        tl.store(acc + 2 * plane * D, acc_i, mask=ok)
     else:
-        centric = l_n >= rho * image
-    chosen = live & eligible & centric & (image >= summ * l_i) & (l_n > 0)
-    gain = tl.where(chosen, (1.0 - keep) * l_s / tl.where(l_n > 0, l_n, 1.0), 0.0)
-    w_sink = tl.where(chosen, keep, 1.0)
-    l_safe = tl.where(live, l_i, 1.0)
-    out = acc_o + w_sink[:, None] * acc_s + (1.0 + gain)[:, None] * acc_i
-    out = tl.where(live[:, None], out / l_safe[:, None], 0.0)
-    tl.store(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        out.to(O.dtype.element_ty),
-        mask=m_ok[:, None] & d_ok[None, :],
-    )
-    tl.store(SEL + bh * LQ + offs_m, chosen.to(tl.int8), mask=m_ok)
+        _var_epilogue(
+            O, SEL, ROWS, NIMG, acc_o, acc_s, acc_i, l_i, l_s, l_v, l_n, row_ok & (l_i > 0), b, h, bh, offs_m, offs_d,
+            m_ok, d_ok, stride_ob, stride_oh, stride_om, stride_od, stride_eb, stride_em, LQ, keep, rho, summ,
+            CODE_RULE,
+        )  # fmt: skip
+
+
+@triton.jit
+def _var_merge(
+    STATS, ACCS, O, SEL, LO, HI, ROWS, NIMG,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_rb, stride_rm, stride_eb, stride_em,
+    H, LQ, D, SPLITS, keep, rho, summ,
+    CODE_RULE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Combine the key splits' partial results of `_var_fwd` (PARTIAL) to a common max, then the epilogue."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < LQ
+    d_ok = offs_d < D
+    ok = m_ok[:, None] & d_ok[None, :]
+    plane = tl.num_programs(1) * LQ
+    m_tot = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for split in range(SPLITS):
+        m_s = tl.load(STATS + (split * 5 * tl.num_programs(1) + bh) * LQ + offs_m, mask=m_ok, other=float("-inf"))
+        m_tot = tl.maximum(m_tot, m_s)
+    m_safe = tl.where(m_tot == float("-inf"), 0.0, m_tot)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_v = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_n = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_i = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for split in range(SPLITS):
+        stat = STATS + (split * 5 * tl.num_programs(1) + bh) * LQ + offs_m
+        w = tl.exp2(tl.load(stat, mask=m_ok, other=float("-inf")) - m_safe)  # 0 for a split a row saw nothing of
+        l_i += w * tl.load(stat + plane, mask=m_ok, other=0.0)
+        l_s += w * tl.load(stat + 2 * plane, mask=m_ok, other=0.0)
+        l_v += w * tl.load(stat + 3 * plane, mask=m_ok, other=0.0)
+        l_n += w * tl.load(stat + 4 * plane, mask=m_ok, other=0.0)
+        acc = ACCS + ((split * 3 * tl.num_programs(1) + bh) * LQ + offs_m[:, None]) * D + offs_d[None, :]
+        acc_o += w[:, None] * tl.load(acc, mask=ok, other=0.0)
+        acc_s += w[:, None] * tl.load(acc + plane * D, mask=ok, other=0.0)
+        acc_i += w[:, None] * tl.load(acc + 2 * plane * D, mask=ok, other=0.0)
+    lo, hi = row_ranges(LO, HI, b, offs_m, m_ok, stride_rb, stride_rm)
+    _var_epilogue(
+        O, SEL, ROWS, NIMG, acc_o, acc_s, acc_i, l_i, l_s, l_v, l_n, m_ok & (lo < hi) & (l_i > 0), b, h, bh, offs_m,
+        offs_d, m_ok, d_ok, stride_ob, stride_oh, stride_om, stride_od, stride_eb, stride_em, LQ, keep, rho, summ,
+        CODE_RULE,
+    )  # fmt: skip
 
 
 def var_forward(
@@ -165,28 +255,53 @@ def var_forward(
     convention: str,
     softcap: float | None = None,
     kv_head_index: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VAR output [B, Hq, Lq, D] (q's dtype, [B, L, H, D] memory) and the selection [B, Hq, Lq] bool.
 
-    classes [B, Lk] int8 (bit 0 sink, bit 1 image); rows [B, Lq] bool: the rows VAR may change.
+    classes [B, Lk] int8 (bit 0 sink, bit 1 image); rows [B, Lq] bool: the rows VAR may change. num_splits: run the
+    keys in this many ranges and merge (None: by occupancy when `SPLIT_KEYS` is on, as the flash kernel does).
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     out = torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)
-    selected = torch.empty(b, hq, lq, dtype=torch.int8, device=q.device)
+    selected = torch.empty(b, hq, lq, dtype=torch.int8, device=q.device)  # flat (b, head, row) order: folds too
     lo, hi, srb, srm = range_args(ranges)
     classes = classes.to(device=q.device, dtype=torch.int8)
     eligible = rows.to(device=q.device, dtype=torch.int8)
+    seb, sem = eligible.stride()
     n_image = ((classes & 2) > 0).sum(-1).to(torch.float32)
-    t = tiles(d, q.dtype, lq, "var")
+    group = decode_group(q, k, kv_head_index)
+    if group > 1:  # rows = the query heads of one kv head; all of them see the one query's keys
+        q, out_rows = (t.squeeze(2).unflatten(1, (hkv, group)) for t in (q, out))
+        srm = sem = 0
+        heads = head_map(None, hkv, hkv, q.device)
+    else:
+        out_rows, heads = out, head_map(kv_head_index, hq, hkv, q.device)
+    h, m = q.shape[1], q.shape[2]
+    t = tiles(d, q.dtype, m, "var")
     block_m = min(t.block_m, 64)  # three accumulators per row
-    grid = (triton.cdiv(lq, block_m), b * hq)
-    _var_fwd[grid](
-        q, k, v, out, selected, lo, hi, head_map(kv_head_index, hq, hkv, q.device), classes, eligible, n_image,
-        *strides4(q), *strides4(k), *strides4(v), *strides4(out), srb, srm, *classes.stride(), *eligible.stride(),
-        hq, lq, lk, d, float(scale), float(softcap or 1.0), float(keep_fraction), float(rho), float(summ),
+    programs = triton.cdiv(m, block_m) * b * h
+    if num_splits is None:
+        num_splits = key_splits(programs, lk, t.block_n, q.device) if SPLIT_KEYS else 1
+    split_keys = triton.cdiv(triton.cdiv(lk, max(1, num_splits)), t.block_n) * t.block_n
+    splits = triton.cdiv(lk, split_keys)
+    partial = splits > 1
+    stats = torch.empty(splits, 5, b * h, m, dtype=torch.float32, device=q.device) if partial else n_image
+    accs = torch.empty(splits, 3, b * h, m, d, dtype=torch.float32, device=q.device) if partial else n_image
+    rule = dict(keep=float(keep_fraction), rho=float(rho), summ=float(summ))
+    _var_fwd[(triton.cdiv(m, block_m), b * h, splits)](
+        q, k, v, out_rows, selected, lo, hi, heads, classes, eligible, n_image, stats, accs,
+        *strides4(q), *strides4(k), *strides4(v), *strides4(out_rows), srb, srm, *classes.stride(), seb, sem,
+        h, m, lk, d, split_keys, float(scale), float(softcap or 1.0), *rule.values(),
         CODE_RULE=convention == "code", HAS_SOFTCAP=softcap is not None, UPCAST=upcast(q.dtype),
-        PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
+        PRECISION=dot_precision(q.dtype), PARTIAL=partial, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
         EVEN_D=t.block_d == d, num_warps=4, num_stages=t.num_stages,
     )  # fmt: skip
+    if partial:
+        _var_merge[(triton.cdiv(m, block_m), b * h)](
+            stats, accs, out_rows, selected, lo, hi, eligible, n_image, *strides4(out_rows), srb, srm, seb, sem,
+            h, m, d, splits, *rule.values(), CODE_RULE=convention == "code", BLOCK_M=block_m, BLOCK_D=t.block_d,
+            num_warps=4,
+        )  # fmt: skip
     return out, selected.bool()
