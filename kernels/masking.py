@@ -136,10 +136,21 @@ def structural_ranges(
     return KeyRanges(lo=lo.expand(batch, lq).contiguous(), hi=hi.expand(batch, lq).contiguous())
 
 
-# The last few 4-D masks turned into KeyRanges: every layer of one forward passes the same mask tensor (models with
-# sliding-window layers alternate two), and checking a mask reads values back from the GPU, so it is done once.
+# 4-D masks already turned into KeyRanges during one model forward: every layer of a forward passes the same mask
+# tensor (models with sliding-window layers alternate two), and checking a mask reads values back from the GPU, so
+# it is done once per forward. Only while a forward is marked (`remember_masks(True)`, by the integration's forward
+# hooks): outside one nothing is remembered, since a mask could be edited in place between calls.
 _CONVERTED: OrderedDict[tuple, tuple[weakref.ref, KeyRanges | None, str | None]] = OrderedDict()
 _CONVERTED_SIZE = 4
+_REMEMBER = False
+
+
+def remember_masks(active: bool) -> None:
+    """Start (True) or end (False) a model forward: forget converted masks, then convert each 4-D mask tensor once
+    while active."""
+    global _REMEMBER
+    _CONVERTED.clear()
+    _REMEMBER = active
 
 
 def to_key_ranges(
@@ -162,7 +173,9 @@ def to_key_ranges(
         return mask, None
     if mask is None:
         return structural_ranges(batch, lq, lk, causal=causal, sliding_window=sliding_window, device=device), None
-    key = (id(mask), mask._version, batch, lq, lk, str(device), block_elements)
+    if not _REMEMBER:
+        return _mask_ranges(mask, batch, lq, lk, device=device, block_elements=block_elements)
+    key = (id(mask), batch, lq, lk, str(device), block_elements)
     hit = _CONVERTED.get(key)
     if hit is not None and hit[0]() is mask:
         return hit[1], hit[2]

@@ -355,31 +355,59 @@ def test_tile_overrides_change_tiles_not_results(triton_backend, monkeypatch):
     assert (fast.stats.colsum.double() - ref["colsum"]).abs().max() <= 1e-5
 
 
-def test_mask_conversion_is_memoised_per_mask_tensor(monkeypatch):
-    """Every layer of a forward passes the same 4-D mask: it is checked and converted once; an in-place change or
-    another mask tensor is converted afresh, and a refused mask stays refused."""
+def test_mask_conversion_is_remembered_within_a_forward_only(monkeypatch):
+    """Inside a marked model forward each 4-D mask tensor (inference tensors included) is checked and converted once;
+    another tensor is converted afresh, a refused mask stays refused; outside a forward nothing is remembered (an
+    in-place edit between calls is seen)."""
     from attnpatch.kernels import masking
 
     calls = []
     convert = masking._mask_ranges
     monkeypatch.setattr(masking, "_mask_ranges", lambda *a, **kw: calls.append(1) or convert(*a, **kw))
-    mask = causal_mask(2, 5, 9, pad=[0, 3])
     geometry = dict(causal=True, sliding_window=None, device=torch.device("cpu"))
-    first, _ = masking.to_key_ranges(mask, 2, 5, 9, **geometry)
-    again, _ = masking.to_key_ranges(mask, 2, 5, 9, **geometry)
-    assert again is first and len(calls) == 1
-    mask[1, :, :, 3] = False  # now key 3 is hidden too
+    with torch.inference_mode():
+        mask = causal_mask(2, 5, 9, pad=[0, 3])
+    masking.remember_masks(True)
+    try:
+        first, _ = masking.to_key_ranges(mask, 2, 5, 9, **geometry)
+        again, _ = masking.to_key_ranges(mask, 2, 5, 9, **geometry)
+        assert again is first and len(calls) == 1 and first.lo[1].tolist() == [3] * 5
+        masking.to_key_ranges(causal_mask(2, 5, 9, pad=[0, 3]), 2, 5, 9, **geometry)
+        assert len(calls) == 2
+        holes = causal_mask(1, 2, 6)
+        holes[..., 2] = False  # two intervals per row
+        for _ in range(2):
+            ranges, reason = masking.to_key_ranges(holes, 1, 2, 6, **geometry)
+            assert ranges is None and "not one interval" in reason
+        assert len(calls) == 3
+    finally:
+        masking.remember_masks(False)
+    with torch.inference_mode():
+        mask[1, :, :, 3] = False  # key 3 hidden too: an in-place edit between forwards
     changed, _ = masking.to_key_ranges(mask, 2, 5, 9, **geometry)
-    assert len(calls) == 2 and changed.lo[1].tolist() == [4] * 5 and first.lo[1].tolist() == [3] * 5
-    other = causal_mask(2, 5, 9, pad=[0, 3])
-    masking.to_key_ranges(other, 2, 5, 9, **geometry)
-    assert len(calls) == 3
-    holes = causal_mask(1, 2, 6)
-    holes[..., 2] = False  # two intervals per row
-    for _ in range(2):
-        ranges, reason = masking.to_key_ranges(holes, 1, 2, 6, **geometry)
-        assert ranges is None and "not one interval" in reason
-    assert len(calls) == 4
+    assert len(calls) == 4 and changed.lo[1].tolist() == [4] * 5
+    masking.to_key_ranges(mask, 2, 5, 9, **geometry)
+    assert len(calls) == 5
+
+
+def test_patched_forward_converts_its_mask_once(triton_backend, monkeypatch):
+    """A patched model's forward (padded batch, so transformers passes a 4-D mask to every layer) converts the mask
+    once, under inference mode too, and forgets it when the forward ends."""
+    from attnpatch.kernels import masking
+    from tiny_models import tiny_model
+
+    import attnpatch
+
+    calls = []
+    convert = masking._mask_ranges
+    monkeypatch.setattr(masking, "_mask_ranges", lambda *a, **kw: calls.append(1) or convert(*a, **kw))
+    model = tiny_model("llama")
+    ids = torch.randint(1, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    pad = torch.ones(2, 9, dtype=torch.long)
+    pad[1, :3] = 0
+    with attnpatch.patched(model, "act", heads="all"), torch.inference_mode():
+        model(ids, attention_mask=pad)
+    assert len(calls) == 1 and not masking._CONVERTED and not masking._REMEMBER
 
 
 def test_padding_ranges_with_an_empty_row_and_bad_key_offset():

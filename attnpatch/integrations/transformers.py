@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..kernels.masking import remember_masks
 from ..methods.base import AttentionCall
 from .multimodal import image_positions, image_token_id, language_model
 
@@ -272,9 +273,11 @@ class TransformersIntegration:
                 image_mask=images,
             )
             patch.method.start_forward(patch.context)
+            remember_masks(True)
 
         def clear_context(_module, _args, _output):
             patch.context = None
+            remember_masks(False)
 
         self._handles.append(backbone.register_forward_pre_hook(record_context, with_kwargs=True))
         self._handles.append(backbone.register_forward_hook(clear_context))
