@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 
 import torch
@@ -138,19 +138,20 @@ def structural_ranges(
 
 # 4-D masks already turned into KeyRanges during one model forward: every layer of a forward passes the same mask
 # tensor (models with sliding-window layers alternate two), and checking a mask reads values back from the GPU, so
-# it is done once per forward. Only while a forward is marked (`remember_masks(True)`, by the integration's forward
-# hooks): outside one nothing is remembered, since a mask could be edited in place between calls.
-_CONVERTED: OrderedDict[tuple, tuple[weakref.ref, KeyRanges | None, str | None]] = OrderedDict()
-_CONVERTED_SIZE = 4
-_REMEMBER = False
+# it is done once per forward. The memo belongs to the forward (the integration keeps it on the Patch's forward
+# context and makes it current here for the forward's duration); with none current nothing is remembered, since a
+# mask could be edited in place between calls.
+MaskMemo = dict  # (id, shape args) -> (weak reference to the mask, KeyRanges or None, reason or None)
+_CURRENT_MEMO: ContextVar[MaskMemo | None] = ContextVar("attnpatch_mask_memo", default=None)
 
 
-def remember_masks(active: bool) -> None:
-    """Start (True) or end (False) a model forward: forget converted masks, then convert each 4-D mask tensor once
-    while active."""
-    global _REMEMBER
-    _CONVERTED.clear()
-    _REMEMBER = active
+def use_mask_memo(memo: MaskMemo | None) -> Token:
+    """Make `memo` (a forward's, or None) the one `to_key_ranges` fills; returns the token to restore the previous."""
+    return _CURRENT_MEMO.set(memo)
+
+
+def restore_mask_memo(token: Token) -> None:
+    _CURRENT_MEMO.reset(token)
 
 
 def to_key_ranges(
@@ -173,16 +174,15 @@ def to_key_ranges(
         return mask, None
     if mask is None:
         return structural_ranges(batch, lq, lk, causal=causal, sliding_window=sliding_window, device=device), None
-    if not _REMEMBER:
+    memo = _CURRENT_MEMO.get()
+    if memo is None:
         return _mask_ranges(mask, batch, lq, lk, device=device, block_elements=block_elements)
     key = (id(mask), batch, lq, lk, str(device), block_elements)
-    hit = _CONVERTED.get(key)
+    hit = memo.get(key)
     if hit is not None and hit[0]() is mask:
         return hit[1], hit[2]
     ranges, reason = _mask_ranges(mask, batch, lq, lk, device=device, block_elements=block_elements)
-    _CONVERTED[key] = (weakref.ref(mask), ranges, reason)
-    while len(_CONVERTED) > _CONVERTED_SIZE:
-        _CONVERTED.popitem(last=False)
+    memo[key] = (weakref.ref(mask), ranges, reason)
     return ranges, reason
 
 

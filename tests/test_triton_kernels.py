@@ -356,8 +356,8 @@ def test_tile_overrides_change_tiles_not_results(triton_backend, monkeypatch):
 
 
 def test_mask_conversion_is_remembered_within_a_forward_only(monkeypatch):
-    """Inside a marked model forward each 4-D mask tensor (inference tensors included) is checked and converted once;
-    another tensor is converted afresh, a refused mask stays refused; outside a forward nothing is remembered (an
+    """With a forward's memo current each 4-D mask tensor (inference tensors included) is checked and converted once;
+    another tensor is converted afresh, a refused mask stays refused; with none current nothing is remembered (an
     in-place edit between calls is seen)."""
     from attnpatch.kernels import masking
 
@@ -367,7 +367,7 @@ def test_mask_conversion_is_remembered_within_a_forward_only(monkeypatch):
     geometry = dict(causal=True, sliding_window=None, device=torch.device("cpu"))
     with torch.inference_mode():
         mask = causal_mask(2, 5, 9, pad=[0, 3])
-    masking.remember_masks(True)
+    token = masking.use_mask_memo({})
     try:
         first, _ = masking.to_key_ranges(mask, 2, 5, 9, **geometry)
         again, _ = masking.to_key_ranges(mask, 2, 5, 9, **geometry)
@@ -381,7 +381,7 @@ def test_mask_conversion_is_remembered_within_a_forward_only(monkeypatch):
             assert ranges is None and "not one interval" in reason
         assert len(calls) == 3
     finally:
-        masking.remember_masks(False)
+        masking.restore_mask_memo(token)
     with torch.inference_mode():
         mask[1, :, :, 3] = False  # key 3 hidden too: an in-place edit between forwards
     changed, _ = masking.to_key_ranges(mask, 2, 5, 9, **geometry)
@@ -392,7 +392,8 @@ def test_mask_conversion_is_remembered_within_a_forward_only(monkeypatch):
 
 def test_patched_forward_converts_its_mask_once(triton_backend, monkeypatch):
     """A patched model's forward (padded batch, so transformers passes a 4-D mask to every layer) converts the mask
-    once, under inference mode too, and forgets it when the forward ends."""
+    once, under inference mode too, and its memo stops being current when the forward ends (or, after a forward that
+    raised, when the next one ends)."""
     from attnpatch.kernels import masking
     from tiny_models import tiny_model
 
@@ -405,9 +406,14 @@ def test_patched_forward_converts_its_mask_once(triton_backend, monkeypatch):
     ids = torch.randint(1, 60, (2, 9), generator=torch.Generator().manual_seed(0))
     pad = torch.ones(2, 9, dtype=torch.long)
     pad[1, :3] = 0
-    with attnpatch.patched(model, "act", heads="all"), torch.inference_mode():
+    with attnpatch.patched(model, "act", heads="all") as patch, torch.inference_mode():
         model(ids, attention_mask=pad)
-    assert len(calls) == 1 and not masking._CONVERTED and not masking._REMEMBER
+        assert len(calls) == 1 and masking._CURRENT_MEMO.get() is None and patch.context is None
+        with pytest.raises(IndexError):
+            model(torch.full_like(ids, 10**6), attention_mask=pad)  # raises in the embedding
+        assert masking._CURRENT_MEMO.get() is not None  # its memo is still current ...
+        model(ids, attention_mask=pad)
+        assert len(calls) == 2 and masking._CURRENT_MEMO.get() is None  # ... until the next forward ends
 
 
 def test_padding_ranges_with_an_empty_row_and_bad_key_offset():

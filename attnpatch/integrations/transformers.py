@@ -14,13 +14,13 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..kernels.masking import remember_masks
+from ..kernels.masking import MaskMemo, restore_mask_memo, use_mask_memo
 from ..methods.base import AttentionCall
 from .multimodal import image_positions, image_token_id, language_model
 
@@ -102,6 +102,7 @@ class ForwardContext:
     attention_mask: torch.Tensor | None = None
     cache_kind: str = "none"
     image_mask: torch.Tensor | None = None
+    masks: MaskMemo = field(default_factory=dict)  # this forward's 4-D masks as KeyRanges (kernels.masking)
 
 
 @dataclass
@@ -205,6 +206,7 @@ class TransformersIntegration:
             )
         self.base_by_config = {id(cfg): cfg._attn_implementation for cfg in self.configs}
         self._handles: list[Any] = []
+        self._mask_tokens: list[Any] = []  # contextvars tokens: this model's forward mask memo made current
 
     @property
     def num_layers(self) -> int:
@@ -273,11 +275,12 @@ class TransformersIntegration:
                 image_mask=images,
             )
             patch.method.start_forward(patch.context)
-            remember_masks(True)
+            self._forget_mask_memos()  # a forward that raised left its memo current
+            self._mask_tokens.append(use_mask_memo(patch.context.masks))
 
         def clear_context(_module, _args, _output):
             patch.context = None
-            remember_masks(False)
+            self._forget_mask_memos()
 
         self._handles.append(backbone.register_forward_pre_hook(record_context, with_kwargs=True))
         self._handles.append(backbone.register_forward_hook(clear_context))
@@ -299,7 +302,13 @@ class TransformersIntegration:
 
             self._handles.append(module.register_forward_pre_hook(observe, with_kwargs=True))
 
+    def _forget_mask_memos(self) -> None:
+        """Make the mask memo current before this model's forward current again."""
+        while self._mask_tokens:
+            restore_mask_memo(self._mask_tokens.pop())
+
     def detach(self) -> None:
+        self._forget_mask_memos()
         self._set_implementation(lambda name: name.removeprefix(NAME_PREFIX))
         for handle in self._handles:
             handle.remove()
