@@ -29,7 +29,7 @@ from .blocks import (
     take_heads,
     visible_count,
 )
-from .column_mass import ColumnStats
+from .column_mass import ColumnStats, column_mass_from_logits
 from .masking import KeyRanges, query_rows, ranges_visible_count
 
 # Rows whose non-sink mass 1 - S is below this are recomputed exactly on the Triton path (the closed form divides
@@ -38,7 +38,6 @@ CLOSED_FORM_GUARD = 0.03
 # Decode (Lq = 1) on the Triton path takes the column mass from the logits the flash pass writes instead of a second
 # pass over K; False restores the column-mass kernel (kept to measure the two against each other).
 DECODE_MASS_FROM_LOGITS = True
-LOG2E = 1.4426950408889634
 
 
 @dataclass
@@ -211,13 +210,6 @@ def _act_triton(
     if bool(guarded.any()):
         _exact_rows(q, k, v, out, guarded, ranges, sinks, scale=scale, beta=beta, **heads)
     return ActOutput(out=out, stats=stats, sinks=sinks)
-
-
-def column_mass_from_logits(logits: torch.Tensor, lse: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
-    """[B, H, Lk] column mass from base-2 logits [B, H, Lq, Lk] (-inf where unseen) and the natural LSE [B, H, Lq]:
-    the sum over valid rows of exp(s - lse)."""
-    p = torch.exp2(logits - (lse * LOG2E).nan_to_num(neginf=0.0)[..., None])  # rows that see nothing: all -inf
-    return (p * query_valid.float()[:, None, :, None]).sum(2)
 
 
 def sink_index(sinks: torch.Tensor) -> torch.Tensor | None:

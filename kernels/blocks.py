@@ -8,6 +8,7 @@ import torch
 from .masking import KeyRanges, block_bias_and_visibility
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 20  # logits elements per block (4 MiB in float32; faster than larger blocks)
+LOG2E = 1.4426950408889634  # the kernels work in base 2: exp(x) = exp2(x * LOG2E)
 
 
 def default_kv_heads(hq: int, hkv: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from . import backend
 from .blocks import (
     DEFAULT_BLOCK_ELEMENTS,
+    LOG2E,
     default_kv_heads,
     group_blocks,
     probs_,
@@ -94,3 +95,10 @@ def _column_mass_torch(
         device=q.device,
     )  # fmt: skip
     return ColumnStats(colsum=colsum, count=count)
+
+
+def column_mass_from_logits(logits: torch.Tensor, lse: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
+    """[B, H, Lk] column mass from base-2 logits [B, H, Lq, Lk] (-inf where unseen) and the natural LSE [B, H, Lq]:
+    the sum over valid rows of exp(s - lse)."""
+    p = torch.exp2(logits - (lse * LOG2E).nan_to_num(neginf=0.0)[..., None])  # rows that see nothing: all -inf
+    return (p * query_valid.float()[:, None, :, None]).sum(2)

@@ -12,8 +12,6 @@ from ..backend import interpreting
 from ..blocks import default_kv_heads
 from ..masking import KeyRanges
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def scaled_logits(s, scale, softcap, HAS_SOFTCAP: tl.constexpr):

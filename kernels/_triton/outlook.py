@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, strides4, upcast
+from ..blocks import LOG2E
+from .common import strides4, upcast
 
 ROW_TILE_ELEMENTS = 2048  # rows x channels of the accumulator tile a program holds
 
