@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 version: dict = {}
@@ -15,20 +15,9 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # `kernels/` is installed as the subpackage attnpatch.kernels: a top-level `kernels` module would shadow
-    # Hugging Face's own `kernels` package, which transformers imports.
-    package_dir={"attnpatch": "attnpatch", "attnpatch.kernels": "kernels"},
-    packages=[
-        "attnpatch",
-        "attnpatch.methods",
-        "attnpatch.integrations",
-        "attnpatch.calibrate",
-        "attnpatch.adapters",
-        "attnpatch.analysis",
-        "attnpatch.eval",
-        "attnpatch.kernels",
-        "attnpatch.kernels._triton",
-    ],
+    # the compute layer is attnpatch/kernels/, inside the package: a top-level `kernels` package would shadow Hugging
+    # Face's own `kernels`, which transformers imports
+    packages=find_packages(include=["attnpatch", "attnpatch.*"]),
     install_requires=[
         "torch>=2.4",
         "transformers>=4.56,<6",

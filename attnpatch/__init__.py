@@ -8,15 +8,16 @@ patch.remove()                                 # bit-identical to the unpatched 
 
 from . import methods  # noqa: F401  (registers the built-in methods)
 from ._version import __version__
-from .adapters import attention as _adapter_method  # noqa: F401  (registers the `adapter` method)
 from .api import Patch, apply, available_methods, get_patch, patched, remove
 from .calibrate import calibrate
+from .methods.base import UnsupportedModelError
 from .profiles import Profile, ProfileError
 
 __all__ = [
     "Patch",
     "Profile",
     "ProfileError",
+    "UnsupportedModelError",
     "__version__",
     "apply",
     "available_methods",

@@ -9,8 +9,9 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from .integrations.transformers import ForwardContext, TransformersIntegration
-from .methods.base import METHODS, Method
+from .integrations.module_forward import ModuleForwardIntegration
+from .integrations.transformers import TransformersIntegration
+from .methods.base import METHODS, ForwardContext, Method
 
 _PATCH = "_attnpatch_patch"
 
@@ -30,10 +31,8 @@ def _make_integration(method_cls: type[Method], model: nn.Module) -> Integration
     """The integration `method_cls.integration` names, for `model`."""
     if method_cls.integration == "transformers":
         return TransformersIntegration(model, scope=method_cls.scope)
-    if method_cls.integration == "timm":
-        from .integrations.timm import TimmIntegration
-
-        return TimmIntegration(model, method_cls)
+    if method_cls.integration == "module_forward":
+        return ModuleForwardIntegration(model, method_cls)
     raise ValueError(f"method {method_cls.name!r} names an unknown integration {method_cls.integration!r}")
 
 

@@ -500,9 +500,8 @@ def slug(name: str) -> str:
 
 
 def versions() -> dict:
-    from attnpatch.kernels import backend
-
     import attnpatch
+    from attnpatch.kernels import backend
 
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
     out["triton"] = backend.triton_version()

@@ -6,9 +6,9 @@ the authors' code (materialised [B, H, L, L] probabilities) on the same heads.
                                         [--out-dir benchmarks/results] [--smoke]
 
 The model is TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 query / 4 kv heads of dim 64, MLP 5632, vocab 32000,
-rope theta 5e5) with random weights and two planted attention sinks (`tests/tiny_models.planted_llama`): the prompt's
-first token and a token in its middle take most of every row's attention, as a trained model's sinks do, so ACT
-finds a hidden sink in every calibrated head and runs its correction. Greedy decoding, batch 1, DynamicCache.
+rope theta 5e5) with random weights and two planted attention sinks (`tests/helpers/tiny_models.planted_llama`):
+the prompt's first token and a token in its middle take most of every row's attention, as a trained model's sinks
+do, so ACT finds a hidden sink in every calibrated head and runs its correction. Greedy decoding, batch 1, DynamicCache.
 
 prefill = median time of `generate(max_new_tokens=1)`; decode = (median time of `generate(max_new_tokens=1 + n)` -
 prefill) / n, per token; `peak_extra_mb`: the allocator's high-water mark during the longer call above what was
@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "helpers")]
 
-from attnpatch.kernels.backend import ENV_VAR  # noqa: E402
 from bench_attention import (  # noqa: E402
     _cleanup,
     _error,
@@ -48,11 +47,13 @@ from bench_attention import (  # noqa: E402
     timing_note,
     write_report,
 )
-from tiny_models import SINK, SINK_2, planted_llama  # noqa: E402
 
 import attnpatch  # noqa: E402
+from attnpatch.kernels.backend import ENV_VAR  # noqa: E402
 from attnpatch.methods.act import ACT, ACTConfig  # noqa: E402
 from attnpatch.methods.base import AttentionCall, register_method  # noqa: E402
+
+from tiny_models import SINK, SINK_2, planted_llama  # noqa: E402
 
 MODEL = dict(layers=22, hidden=2048, heads=32, kv_heads=4, intermediate=5632, rope_theta=500000.0)
 SMOKE_MODEL = dict(layers=6, hidden=256, heads=4, kv_heads=2, intermediate=512, rope_theta=500000.0)

@@ -40,15 +40,11 @@ LOG="$RESULTS/suite.log"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 : >"$RESULTS/stages.tsv"
 
-# attnpatch from this tree without installing anything: a package folder of links (`kernels/` is attnpatch.kernels);
-# pytest and inline Python run with -P so the checkout's own attnpatch/ folder (no kernels/ in it) never shadows it;
-# a script's own folder (benchmarks/) is first on its path, which is safe
-SITE=$RESULTS/.site
-rm -rf "$SITE" && mkdir -p "$SITE/attnpatch"
-ln -s "$ROOT"/attnpatch/* "$SITE/attnpatch/" && ln -s "$ROOT/kernels" "$SITE/attnpatch/kernels"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# attnpatch from this tree without installing anything: the checkout's root on the path (the compute layer is
+# attnpatch/kernels/, so nothing here shadows an installed package); -P keeps a script's own folder off the path
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYP=("$PY" -P)
-"${PYP[@]}" -c "import attnpatch.kernels" || { echo "attnpatch does not import from $SITE" | tee -a "$LOG"; exit 1; }
+"${PYP[@]}" -c "import attnpatch.kernels" || { echo "attnpatch does not import from $ROOT" | tee -a "$LOG"; exit 1; }
 
 run_stage() { # name, command...: run with a time limit, log it, record its exit status and duration
     local name=$1 start rc limit
@@ -92,8 +88,7 @@ EOF
 }
 
 # the GPU tests, and the kernel and model tests, whose Triton paths run on CUDA there (TESTS overrides the list)
-DEFAULT_TESTS="tests/test_gpu.py tests/test_triton_kernels.py tests/test_triton_models.py tests/test_act_kernel.py"
-DEFAULT_TESTS+=" tests/test_var_kernel.py tests/test_var_model.py tests/test_outlook.py tests/test_decode.py"
+DEFAULT_TESTS="tests/kernels tests/methods"
 read -r -a GPU_TESTS <<<"${TESTS:-$DEFAULT_TESTS}"
 for stage in "${STAGES[@]}"; do
     case "$stage" in

@@ -2,8 +2,8 @@
 self-supervised attention (PSS) and intention conditioning. They ride on the `adapter` method
 (`attention.AdapterAttention`): differentiable attention with perturbations, probes and key biases."""
 
+from ..methods.adapter import AdapterAttention, AdapterConfig, Probe
 from .adversarial import ATLoss, AttentionAT, AttentionATConfig
-from .attention import AdapterAttention, AdapterConfig, Probe
 from .intention import IntentionConditioner, IntentionConfig
 from .pss import AspectAttentionHead, MinedWords, PSSConfig, PSSProbe, progressive_mining, pss_loss
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .attention import AdapterAttention
+from ..methods.adapter import AdapterAttention
 from .base import AttentionAdapterBase
 
 MODES = ("at", "iat")

@@ -13,7 +13,7 @@ from torch import nn
 
 from .._version import __version__
 from ..api import Patch, apply
-from .attention import AdapterAttention
+from ..methods.adapter import AdapterAttention
 
 CONFIG_FILE = "attnpatch_adapter.json"
 STATE_FILE = "attnpatch_adapter.safetensors"

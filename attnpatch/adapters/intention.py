@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..integrations.transformers import attention_modules
+from ..integrations.structure import attention_modules
 from .base import AttentionAdapterBase, transformers_model
 
 IGNORE_INDEX = -100

@@ -38,7 +38,7 @@ from ..eval.scoring import BatchedRows
 from ..eval.tasks import Item, load_task
 from ..integrations.transformers import TransformersIntegration
 from ..methods.act import ACTConfig
-from ..methods.config import resolve_heads
+from ..methods.validators import resolve_heads
 from ..profiles import Profile, fingerprint
 from .replay import Replay
 

@@ -14,25 +14,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..integrations.transformers import attention_modules
+from ..integrations.structure import decoder_layers
 
 
 class StopForward(Exception):
     """Raised by a capture hook to end a forward pass early."""
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers in order: the entries of the ModuleList that holds the attention modules."""
-    attention = [module for _, module in attention_modules(model)]
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == len(attention):
-            owners = [next((a for a in attention if any(a is m for m in layer.modules())), None) for layer in module]
-            if all(o is not None for o in owners) and len({id(o) for o in owners}) == len(attention):
-                return list(module)
-    raise TypeError(f"cannot find one ModuleList of decoder layers in {type(model).__name__}")
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer's forward pre-hook receives (positional or keyword)."""
     return args[0] if args else kwargs["hidden_states"]
 
 
@@ -56,7 +46,7 @@ class Replay:
             return (hidden_states,) if tuple_output else hidden_states
 
         def swap(module, args, kwargs):
-            cached = hidden.to(_hidden(args, kwargs).device)
+            cached = hidden.to(layer_input(args, kwargs).device)
             if args:
                 return (cached, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": cached}
@@ -76,7 +66,7 @@ class Replay:
         """Within the block, a forward appends layer `layer`'s input hidden states to `store` and stops there."""
 
         def grab(module, args, kwargs):
-            store.append(_hidden(args, kwargs).detach().clone())
+            store.append(layer_input(args, kwargs).detach().clone())
             raise StopForward
 
         def output_kind(module, args, output):

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..integrations.multimodal import text_decoder_layers
+from ..integrations.structure import text_decoder_layers
 from ..profiles import Profile, fingerprint
-from .replay import StopForward, _hidden
+from .replay import StopForward, layer_input
 
 EPS = 1e-6
 # share of the (sink token, layer) pairs with a massive activation that phi on the chosen dims may miss without a
@@ -93,7 +93,7 @@ def capture_layer_inputs(
 
     def hook(index: int) -> Callable:
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = _hidden(args, kwargs).detach()
+            x = layer_input(args, kwargs).detach()
             x = x[mask.to(x.device)] if mask is not None else x.reshape(-1, x.shape[-1])
             out[index] = reduce(index, x)
             if index == len(layers) - 1:

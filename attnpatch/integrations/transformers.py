@@ -10,30 +10,28 @@ the KV cache held before this forward and the 2-D padding mask. remove: switch b
 
 from __future__ import annotations
 
-import functools
 import inspect
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..kernels.masking import MaskMemo, restore_mask_memo, use_mask_memo
-from ..methods.base import AttentionCall
-from .multimodal import image_positions, image_token_id, language_model
-
-if TYPE_CHECKING:
-    from ..api import Patch
+from ..methods.base import AttentionCall, ForwardContext, PatchView, UnsupportedModelError
+from .structure import (
+    attention_modules,
+    decoder_layers,
+    image_positions,
+    image_token_id,
+    language_model,
+    num_query_heads,
+)
 
 NAME_PREFIX = "attnpatch_"
 SUPPORTED_BASES = ("sdpa", "eager")
 _BINDING = "_attnpatch_binding"
-
-
-class UnsupportedModelError(TypeError):
-    """The model's attention cannot be reached through the transformers registry."""
 
 
 def _unsupported(model: Any, why: str) -> UnsupportedModelError:
@@ -42,40 +40,6 @@ def _unsupported(model: Any, why: str) -> UnsupportedModelError:
         "whose attention dispatches through AttentionInterface (Llama, Mistral, Qwen2, Qwen3, Gemma 3, BERT and "
         "most decoder/encoder families of transformers >= 4.56), loaded with attn_implementation 'sdpa' or 'eager'."
     )
-
-
-@functools.cache
-def _dispatches_through_registry(cls: type) -> bool:
-    """True when the class's forward calls the AttentionInterface (the module transformers passes to the function)."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS" in source or "attention_interface" in source
-
-
-def attention_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """(layer index, module) of every attention module that calls the registry, in layer order."""
-    found = [m for m in model.modules() if _dispatches_through_registry(type(m))]
-    indexed = []
-    for position, module in enumerate(found):
-        layer = getattr(module, "layer_idx", None)
-        indexed.append((layer if isinstance(layer, int) else position, module))
-    if len({layer for layer, _ in indexed}) != len(indexed):  # several stacks (e.g. encoder-decoder): number them
-        indexed = list(enumerate(found))
-    return sorted(indexed, key=lambda item: item[0])
-
-
-def _num_query_heads(module: nn.Module) -> int:
-    config = getattr(module, "config", None)
-    for value in (
-        getattr(config, "num_attention_heads", None),
-        getattr(module, "num_attention_heads", None),
-        getattr(module, "num_heads", None),
-    ):
-        if isinstance(value, int):
-            return value
-    raise UnsupportedModelError(f"cannot read the number of heads of {type(module).__name__}")
 
 
 def _base_function(module: nn.Module, base: str) -> Callable:
@@ -94,20 +58,8 @@ def _base_function(module: nn.Module, base: str) -> Callable:
 
 
 @dataclass
-class ForwardContext:
-    """What the backbone's forward was called with: tokens already in the cache, the 2-D padding mask, and the image
-    positions among this forward's tokens (None when the model has no image token or the call gave no input_ids)."""
-
-    past_length: int = 0
-    attention_mask: torch.Tensor | None = None
-    cache_kind: str = "none"
-    image_mask: torch.Tensor | None = None
-    masks: MaskMemo = field(default_factory=dict)  # this forward's 4-D masks as KeyRanges (kernels.masking)
-
-
-@dataclass
 class Binding:
-    patch: Patch
+    patch: PatchView
     layer: int
     base_fn: Callable
 
@@ -162,6 +114,7 @@ def _make_call(binding, module, query, key, value, mask, kwargs, base) -> Attent
         query_valid=query_valid,
         output_attentions=bool(kwargs.get("output_attentions", False)),
         cache_kind=ctx.cache_kind if past > 0 else "none",
+        mask_memo=ctx.masks,
     )
 
 
@@ -206,7 +159,6 @@ class TransformersIntegration:
             )
         self.base_by_config = {id(cfg): cfg._attn_implementation for cfg in self.configs}
         self._handles: list[Any] = []
-        self._mask_tokens: list[Any] = []  # contextvars tokens: this model's forward mask memo made current
 
     @property
     def num_layers(self) -> int:
@@ -214,7 +166,7 @@ class TransformersIntegration:
 
     @property
     def num_heads(self) -> list[int]:
-        return [_num_query_heads(module) for _, module in self.modules]
+        return [num_query_heads(module) for _, module in self.modules]
 
     @property
     def hidden_size(self) -> int | None:
@@ -242,7 +194,7 @@ class TransformersIntegration:
                 wanted[key] = name_for(sub._attn_implementation)
         self.model.set_attn_implementation(wanted)
 
-    def attach(self, patch: Patch) -> None:
+    def attach(self, patch: PatchView) -> None:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -275,12 +227,9 @@ class TransformersIntegration:
                 image_mask=images,
             )
             patch.method.start_forward(patch.context)
-            self._forget_mask_memos()  # a forward that raised left its memo current
-            self._mask_tokens.append(use_mask_memo(patch.context.masks))
 
         def clear_context(_module, _args, _output):
             patch.context = None
-            self._forget_mask_memos()
 
         self._handles.append(backbone.register_forward_pre_hook(record_context, with_kwargs=True))
         self._handles.append(backbone.register_forward_hook(clear_context))
@@ -288,10 +237,8 @@ class TransformersIntegration:
             self._hook_layer_inputs(patch)
         self._set_implementation(lambda base: NAME_PREFIX + base)
 
-    def _hook_layer_inputs(self, patch: Patch) -> None:
+    def _hook_layer_inputs(self, patch: PatchView) -> None:
         """Hand the residual stream entering each selected decoder layer to the method."""
-        from ..calibrate.replay import decoder_layers
-
         for layer, module in enumerate(decoder_layers(self.root)):
             if layer not in patch.selected_layers:
                 continue
@@ -302,13 +249,7 @@ class TransformersIntegration:
 
             self._handles.append(module.register_forward_pre_hook(observe, with_kwargs=True))
 
-    def _forget_mask_memos(self) -> None:
-        """Make the mask memo current before this model's forward current again."""
-        while self._mask_tokens:
-            restore_mask_memo(self._mask_tokens.pop())
-
     def detach(self) -> None:
-        self._forget_mask_memos()
         self._set_implementation(lambda name: name.removeprefix(NAME_PREFIX))
         for handle in self._handles:
             handle.remove()

@@ -17,7 +17,7 @@ import torch
 from ..kernels import reference
 from ..kernels.act import ColumnStats, act_attention
 from .base import AttentionCall, Method, register_method
-from .config import HeadSpec, check_bool, check_number, resolve_heads
+from .validators import HeadSpec, check_bool, check_number, resolve_heads
 
 logger = logging.getLogger("attnpatch")
 
@@ -152,6 +152,7 @@ class ACT(Method):
             history=self._history_for(call),
             key_offset=call.key_offset,
             return_probs=call.output_attentions,
+            mask_memo=call.mask_memo,
         )
         self.remember(call, result.stats, result.sinks)
         if every_head:

@@ -1,12 +1,34 @@
-"""What every method sees: one attention call, independent of the model family it comes from."""
+"""The contract between methods and integrations: what a method sees of one attention call and of one forward,
+the Method base classes and their registry, and the small view of a Patch that an integration drives.
+
+Methods never know the model family; integrations never know what a method computes. Both import this module and
+nothing of each other.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
 
 import torch
+
+
+class UnsupportedModelError(TypeError):
+    """attnpatch cannot reach this model's attention (or the method cannot run on it); nothing was patched."""
+
+
+@dataclass
+class ForwardContext:
+    """What the backbone's forward was called with: tokens already in the cache, the 2-D padding mask, the kind of
+    cache, and the image positions among this forward's tokens (None when the model has no image token or the call
+    gave no input_ids). `masks` memoises this forward's 4-D masks as KeyRanges (kernels.masking.MaskMemo)."""
+
+    past_length: int = 0
+    attention_mask: torch.Tensor | None = None
+    cache_kind: str = "none"
+    image_mask: torch.Tensor | None = None
+    masks: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -36,6 +58,7 @@ class AttentionCall:
     query_valid: torch.Tensor | None = None
     output_attentions: bool = False
     cache_kind: str = "dynamic"  # "none", "dynamic" (keys in order), or "other" (static/offloaded/... caches)
+    mask_memo: dict | None = None  # the forward's kernels.masking.MaskMemo (a 4-D mask is checked once per forward)
 
 
 class Method:
@@ -43,7 +66,7 @@ class Method:
 
     name: ClassVar[str]
     config_class: ClassVar[type]
-    integration: ClassVar[str] = "transformers"  # how attnpatch reaches the model: "transformers" or "timm"
+    integration: ClassVar[str] = "transformers"  # how attnpatch reaches the model: "transformers" or "module_forward"
     scope: ClassVar[str] = "model"  # "language": patch only the language model of a vision-language model
     reads_layer_inputs: ClassVar[bool] = False  # True: observe_layer_input gets each selected layer's residual stream
 
@@ -84,7 +107,7 @@ class ModuleMethod(Method):
     other modules outside the transformers registry). The integration checks every module with `check_module` before
     it changes any, then routes each patched module's calls to `module_forward`."""
 
-    integration = "timm"
+    integration = "module_forward"
 
     @classmethod
     def targets(cls) -> tuple[type, ...]:
@@ -106,9 +129,20 @@ class ModuleMethod(Method):
         raise TypeError(f"{self.name} replaces module forwards; it takes no attention-function calls")
 
 
+class PatchView(Protocol):
+    """What an integration needs of a Patch: its method, the layers it selects and the current forward's context."""
+
+    method: Method
+    selected_layers: frozenset[int]
+    context: ForwardContext | None
+
+
 METHODS: dict[str, type[Method]] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` available to `attnpatch.apply` under `cls.name`."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({METHODS[cls.name].__qualname__})")
     METHODS[cls.name] = cls
     return cls

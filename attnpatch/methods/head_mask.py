@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .base import AttentionCall, Method, register_method
-from .config import resolve_heads
+from .validators import resolve_heads
 
 
 @dataclass(frozen=True, eq=False)

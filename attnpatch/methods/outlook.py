@@ -17,9 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from ..integrations.transformers import UnsupportedModelError
 from ..nn import fused_outlook_forward
-from .base import ModuleMethod, register_method
+from .base import ModuleMethod, UnsupportedModelError, register_method
 
 # what timm's forward must contain for this replacement to compute the same thing
 _TIMM_FORWARD_MARKERS = ("self.unfold(", "self.pool(", "self.attn(", "softmax(dim=-1)", "F.fold(", "self.proj(")

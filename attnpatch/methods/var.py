@@ -18,7 +18,7 @@ import torch
 
 from ..kernels.var import var_attention
 from .base import AttentionCall, Method, register_method
-from .config import check_bool, check_number
+from .validators import check_bool, check_number
 
 RMS_EPSILON = 1e-6
 
@@ -211,6 +211,7 @@ class VAR(Method):
             kv_head_index=torch.arange(hq) // (hq // hkv),
             return_selected=True,
             return_probs=call.output_attentions,
+            mask_memo=call.mask_memo,
         )
         self.last_selected[call.layer] = result.selected
         weights = result.probs.to(call.query.dtype) if result.probs is not None else None

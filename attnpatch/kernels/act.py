@@ -1,0 +1,271 @@
+"""ACT attention (attention-sink calibration, Yu et al. ICML 2024): Triton on CUDA, a memory-safe PyTorch path
+elsewhere. Neither keeps a [B, H, Lq, Lk] tensor.
+
+  pass A   attention output o and per-row log-sum-exp;
+  pass B   each key's summed probability over the valid rows (column mass) -> running column mean (plus history);
+  select   keys whose column mean passes the threshold -> sinks per (sequence, head);
+  pass C   per row, sink mass S and P' = P * w with w = beta on sinks and c = 1 + (1 - beta) S / (1 - S) elsewhere.
+The Triton path runs A (flash kernel), B (column-mass kernel; in a decode step, the probabilities from the logits
+that A writes, so K is read once) and C as a gather over the few sink keys with the closed form
+o' = beta A_S + c (o - A_S); rows with S close to 1, where that subtraction loses precision, are recomputed
+exactly. The PyTorch path fuses A+B and recomputes logits in C, one block of rows at a time.
+Statistics, softmax and accumulation run in float32 whatever the input dtype. GQA reads each query head's K/V
+group directly (no repeated K/V).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import backend
+from .blocks import (
+    DEFAULT_BLOCK_ELEMENTS,
+    default_kv_heads,
+    group_blocks,
+    probs_,
+    replica_groups,
+    take_heads,
+    visible_count,
+)
+from .column_mass import ColumnStats, column_mass_from_logits
+from .masking import KeyRanges, MaskMemo, query_rows, ranges_visible_count
+
+# Rows whose non-sink mass 1 - S is below this are recomputed exactly on the Triton path (the closed form divides
+# the rounding error of o - A_S by 1 - S).
+CLOSED_FORM_GUARD = 0.03
+# Decode (Lq = 1) on the Triton path takes the column mass from the logits the flash pass writes instead of a second
+# pass over K; False restores the column-mass kernel (kept to measure the two against each other).
+DECODE_MASS_FROM_LOGITS = True
+
+
+@dataclass
+class ActOutput:
+    out: torch.Tensor  # [B, Hq, Lq, D] in the input dtype
+    stats: ColumnStats  # history for the next call (keys up to key_offset + Lk)
+    sinks: torch.Tensor  # [B, Hq, Lk] bool: the calibrated keys of this call
+    probs: torch.Tensor | None = None  # [B, Hq, Lq, Lk] calibrated probabilities, only when asked for
+
+
+def select_sinks(stats: ColumnStats, *, threshold: float, min_visible_rows: int, keep_first_sink: bool) -> torch.Tensor:
+    """[B, H, T] bool: keys whose column mean exceeds `threshold` (seen by >= `min_visible_rows` rows), minus the
+    lowest-position one of each (sequence, head) when `keep_first_sink`."""
+    sinks = (stats.mean > threshold) & (stats.count >= min_visible_rows)
+    if keep_first_sink:
+        first = sinks.to(torch.uint8).argmax(dim=-1, keepdim=True)
+        sinks = sinks.scatter(-1, first, False)
+    return sinks
+
+
+def act_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    beta: float,
+    threshold: float,
+    keep_first_sink: bool = True,
+    min_visible_rows: int = 1,
+    mask: torch.Tensor | KeyRanges | None = None,
+    causal: bool = False,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    query_valid: torch.Tensor | None = None,
+    kv_head_index: torch.Tensor | None = None,
+    history: ColumnStats | None = None,
+    key_offset: int = 0,
+    return_probs: bool = False,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    mask_memo: MaskMemo | None = None,
+) -> ActOutput:
+    """ACT-calibrated attention for q [B, Hq, Lq, D] against k, v [B, Hkv, Lk, D].
+
+    mask: transformers' 4-D mask (bool, True = visible, or additive float), KeyRanges, or None for the `causal` /
+    `sliding_window` rules. query_valid [B, Lq]: rows that count in the statistic and get calibrated (default: rows
+    that see a key). kv_head_index [Hq]: kv head of each query head (default h // (Hq / Hkv)). history / key_offset:
+    running statistic from earlier calls of the same sequence (decode, chunked prefill); this call's keys sit at
+    absolute positions [key_offset, key_offset + Lk). return_probs: also the calibrated [B, Hq, Lq, Lk]
+    probabilities (PyTorch path only). block_elements: logits per block of the PyTorch path. mask_memo: the
+    forward's masking.MaskMemo (a 4-D mask is then checked once per forward, not once per layer).
+    """
+    b, hq, lq, _ = q.shape
+    hkv = k.shape[1]
+    if history is not None and history.colsum.shape[-1] > key_offset + k.shape[2]:
+        raise ValueError(
+            f"history covers {history.colsum.shape[-1]} key positions but this call's keys end at "
+            f"key_offset + Lk = {key_offset + k.shape[2]}: key_offset is the absolute position of the first key of "
+            "k (0 for a full KV cache), not the history length"
+        )
+    if kv_head_index is None:
+        kv_head_index = default_kv_heads(hq, hkv)
+    unsupported = "returning the attention probabilities (output_attentions=True)" if return_probs else None
+    path, ranges = backend.plan(
+        "act_attention",
+        q,
+        (k, v),
+        mask,
+        causal=causal,
+        sliding_window=sliding_window,
+        unsupported=unsupported,
+        mask_memo=mask_memo,
+    )
+    query_valid = query_rows(query_valid, ranges if ranges is not None else mask, b, lq, q.device)
+    select = dict(threshold=threshold, min_visible_rows=min_visible_rows, keep_first_sink=keep_first_sink)
+    if path == "triton":
+        return _act_triton(
+            q, k, v, ranges, scale=scale, beta=beta, softcap=softcap, query_valid=query_valid,
+            kv_head_index=kv_head_index, history=history, key_offset=key_offset, select=select,
+        )  # fmt: skip
+    return _act_torch(
+        q, k, v, scale=scale, beta=beta, mask=mask, causal=causal, sliding_window=sliding_window, softcap=softcap,
+        query_valid=query_valid, kv_head_index=kv_head_index, history=history, key_offset=key_offset, select=select,
+        return_probs=return_probs, block_elements=block_elements,
+    )  # fmt: skip
+
+
+def _act_torch(
+    q, k, v, *, scale, beta, mask, causal, sliding_window, softcap, query_valid, kv_head_index, history, key_offset,
+    select, return_probs, block_elements,
+) -> ActOutput:  # fmt: skip
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    device = q.device
+    kv_head_index = kv_head_index.cpu()
+    geometry = dict(mask=mask, causal=causal, sliding_window=sliding_window)
+    logit_options = dict(scale=scale, softcap=softcap, block_elements=block_elements, **geometry)
+    groups = replica_groups(kv_head_index, hkv)
+
+    # pass A+B: log-sum-exp per row and column mass per key
+    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=device)
+    colsum = torch.zeros(b, hq, lk, dtype=torch.float32, device=device)
+    row_weight = query_valid.float()[:, None, None, :]  # [B, 1, 1, Lq]: a row vector per sequence
+    block_rows = lq
+    for q_idx, kv_idx in groups:
+        blocks = group_blocks(q, k, q_idx, kv_idx, **logit_options)
+        block_rows = min(block_rows, blocks.rows)
+        q_dev = q_idx.to(device)
+        for r0, r1, logits in blocks:
+            block_lse = torch.logsumexp(logits, dim=-1)
+            lse[:, q_dev, r0:r1] = block_lse
+            colsum[:, q_dev] += (row_weight[..., r0:r1] @ probs_(logits, block_lse)).squeeze(2)
+    count = visible_count(
+        mask,
+        query_valid,
+        lq,
+        lk,
+        causal=causal,
+        sliding_window=sliding_window,
+        block_rows=max(1, block_rows),
+        device=device,
+    )
+
+    # select: running statistic over absolute key positions
+    stats = _accumulate(history, colsum, count, key_offset)
+    sinks = select_sinks(stats, **select)[..., key_offset : key_offset + lk]
+
+    # pass C: calibrated output
+    out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=device)
+    probs_out = torch.empty(b, hq, lq, lk, dtype=torch.float32, device=device) if return_probs else None
+    valid = query_valid[:, None, :]
+    for q_idx, kv_idx in groups:
+        q_dev = q_idx.to(device)
+        sink_w = sinks[:, q_dev, None, :].float()  # [B, n, 1, Lk]
+        sink_cols = torch.stack([sink_w, 1.0 - sink_w], dim=-1).squeeze(2)  # [B, n, Lk, 2]
+        v_group = take_heads(v, kv_idx).float()
+        blocks = group_blocks(q, k, q_idx, kv_idx, **logit_options)
+        for r0, r1, logits in blocks:
+            p = probs_(logits, lse[:, q_dev, r0:r1])
+            s_mass, rest = (p @ sink_cols).unbind(-1)  # sink and non-sink mass per row
+            active = valid[:, :, r0:r1] & (rest > 0)
+            c = torch.where(active, 1.0 + (1.0 - beta) * s_mass / rest.clamp_min(1e-30), torch.ones_like(rest))
+            w_sink = torch.where(active, torch.full_like(rest, beta), torch.ones_like(rest))
+            # a select, not c + (w_sink - c) * sink: c can be huge when the sinks hold nearly all of a row's mass
+            p.mul_(torch.where(sink_w > 0, w_sink[..., None], c[..., None]))
+            out[:, q_dev, r0:r1] = (p @ v_group).to(q.dtype)
+            if probs_out is not None:
+                probs_out[:, q_dev, r0:r1] = p
+    return ActOutput(out=out, stats=stats, sinks=sinks, probs=probs_out)
+
+
+def _act_triton(
+    q, k, v, ranges: KeyRanges, *, scale, beta, softcap, query_valid, kv_head_index, history, key_offset, select
+) -> ActOutput:
+    from ._triton.column_mass import column_mass_forward
+    from ._triton.flash import flash_forward
+    from ._triton.sink_correction import sink_correction_forward
+
+    b, hq, lq, d = q.shape
+    lk = k.shape[2]
+    heads = dict(softcap=softcap, kv_head_index=kv_head_index)
+    plain = torch.empty(b, hq, lq, d, dtype=torch.float32, device=q.device)
+    if lq == 1 and DECODE_MASS_FROM_LOGITS:  # one pass over K/V: the column mass of one row is its probabilities
+        logits = torch.full((b, hq, 1, lk), float("-inf"), dtype=torch.float32, device=q.device)
+        plain, lse = flash_forward(q, k, v, ranges, scale=scale, out=plain, logits_out=logits, **heads)
+        colsum = column_mass_from_logits(logits, lse, query_valid)
+    else:
+        plain, lse = flash_forward(q, k, v, ranges, scale=scale, out=plain, **heads)
+        colsum = column_mass_forward(q, k, lse, ranges, query_valid, scale=scale, **heads)
+    stats = _accumulate(history, colsum, ranges_visible_count(ranges, query_valid, lk), key_offset)
+    sinks = select_sinks(stats, **select)[..., key_offset : key_offset + lk]
+    index = sink_index(sinks)
+    if index is None:
+        return ActOutput(out=plain.to(q.dtype), stats=stats, sinks=sinks)
+    out, mass = sink_correction_forward(
+        q, k, v, plain, lse, ranges, query_valid, index, scale=scale, beta=beta, guard=CLOSED_FORM_GUARD, **heads
+    )
+    guarded = (mass > 0) & (1.0 - mass < CLOSED_FORM_GUARD)
+    if bool(guarded.any()):
+        _exact_rows(q, k, v, out, guarded, ranges, sinks, scale=scale, beta=beta, **heads)
+    return ActOutput(out=out, stats=stats, sinks=sinks)
+
+
+def sink_index(sinks: torch.Tensor) -> torch.Tensor | None:
+    """[B, H, K] int32 positions of each (sequence, head)'s sinks in ascending order, -1 padded; None if no sink."""
+    most = int(sinks.sum(-1).max()) if sinks.numel() else 0
+    if most == 0:
+        return None
+    lk = sinks.shape[-1]
+    positions = torch.where(sinks, torch.arange(lk, device=sinks.device), lk)
+    index = positions.topk(most, dim=-1, largest=False, sorted=True).values
+    return torch.where(index == lk, -1, index).to(torch.int32)
+
+
+def _exact_rows(q, k, v, out, rows, ranges, sinks, *, scale, beta, softcap, kv_head_index, max_elements=1 << 22):
+    """Recompute the ACT output of the selected (batch, head, row) triples from their full logits, in place."""
+    lk, d = k.shape[2], k.shape[3]
+    kv_heads = kv_head_index.to(q.device)
+    picks = rows.nonzero()
+    step = max(1, max_elements // max(1, lk * d))
+    cols = torch.arange(lk, device=q.device)
+    for start in range(0, len(picks), step):
+        bi, hi, ri = picks[start : start + step].unbind(1)
+        kvh = kv_heads[hi]
+        logits = torch.einsum("nd,nkd->nk", q[bi, hi, ri].float(), k[bi, kvh].float()) * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        seen = (cols >= ranges.lo[bi, ri, None]) & (cols < ranges.hi[bi, ri, None])
+        p = torch.softmax(logits.masked_fill(~seen, float("-inf")), dim=-1)
+        sink = sinks[bi, hi].float()
+        s_mass, rest = (p * sink).sum(-1), (p * (1 - sink)).sum(-1)
+        c = torch.where(rest > 0, 1.0 + (1.0 - beta) * s_mass / rest.clamp_min(1e-30), torch.ones_like(rest))
+        w_sink = torch.where(rest > 0, torch.full_like(rest, beta), torch.ones_like(rest))
+        p = p * torch.where(sink > 0, w_sink[:, None], c[:, None])
+        out[bi, hi, ri] = torch.einsum("nk,nkd->nd", p, v[bi, kvh].float()).to(out.dtype)
+
+
+def _accumulate(history: ColumnStats | None, colsum: torch.Tensor, count: torch.Tensor, key_offset: int) -> ColumnStats:
+    """Add this call's column mass at absolute positions [key_offset, key_offset + Lk) to the running history."""
+    total = key_offset + colsum.shape[-1]
+    if history is None and key_offset == 0:
+        return ColumnStats(colsum=colsum, count=count)
+    new_sum = colsum.new_zeros(*colsum.shape[:-1], total)
+    new_count = count.new_zeros(*count.shape[:-1], total)
+    if history is not None:
+        t = min(history.colsum.shape[-1], total)
+        new_sum[..., :t] += history.colsum[..., :t]
+        new_count[..., :t] += history.count[..., :t]
+    new_sum[..., key_offset:] += colsum
+    new_count[..., key_offset:] += count
+    return ColumnStats(colsum=new_sum, count=new_count)
