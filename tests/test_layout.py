@@ -112,3 +112,45 @@ def test_compute_layer_imports_only_torch_triton_and_the_standard_library():
 def test_kernels_lint_rule_bans_transformers_and_upper_layers():
     rules = (PACKAGE / "kernels" / "ruff.toml").read_text()
     assert '"TID251"' in rules and '"transformers".msg' in rules and '"attnpatch.api".msg' in rules
+
+
+# The layers, bottom up (README "Layout"): a module imports from its own layer or the ones below, never above.
+LAYERS = (
+    ("kernels", "_version"),  # compute: tensors in, tensors out
+    ("methods", "nn"),  # the method contract (methods.base), one file per method, validators
+    ("integrations",),  # how attention is reached: the transformers registry, instance forwards, model structure
+    ("api", "profiles", "distributed", "models"),  # apply/patched/Patch, saved profiles, processes, the model zoo
+    ("calibrate", "analysis", "eval", "adapters"),  # workflows on patched models
+    ("info", "demo", "cli", "__main__", ""),  # entry points and the package's own namespace
+)
+
+
+def layer_of(module: str) -> int:
+    part = module.split(".")[1] if "." in module else ""
+    return next(i for i, names in enumerate(LAYERS) if part in names)
+
+
+def test_every_module_imports_only_its_own_layer_or_below():
+    upward = [
+        f"{m} -> {t}"
+        for m, targets in sorted(import_graph().items())
+        for t in sorted(targets)
+        if layer_of(t) > layer_of(m)
+    ]
+    assert upward == []
+
+
+def test_methods_and_integrations_meet_only_in_the_contract():
+    """A method's module imports no other method and no integration; an integration imports only methods.base."""
+    shared = {"attnpatch.methods.base", "attnpatch.methods.validators"}
+    bad = []
+    for module, targets in import_graph().items():
+        if module.startswith("attnpatch.methods.") and module not in shared:
+            bad += [f"{module} -> {t}" for t in targets if t.startswith("attnpatch.methods.") and t not in shared]
+        if module.startswith("attnpatch.integrations"):
+            bad += [
+                f"{module} -> {t}"
+                for t in targets
+                if t.startswith("attnpatch.methods") and t != "attnpatch.methods.base"
+            ]
+    assert bad == []

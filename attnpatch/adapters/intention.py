@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..integrations.structure import attention_modules
+from ..methods.validators import check_layer
 from .base import AttentionAdapterBase, transformers_model
 
 IGNORE_INDEX = -100
@@ -129,11 +130,7 @@ class IntentionConditioner(AttentionAdapterBase):
         embed = input_embeddings(target)
         num_layers = len(attention_modules(target))
         for layer in config.bias_layers or ():
-            if layer >= num_layers:
-                raise ValueError(
-                    f"bias_layers: layer {layer} is out of range; {type(target).__name__} has layers "
-                    f"0..{num_layers - 1}"
-                )
+            check_layer("bias_layers", layer, num_layers)
         mean, std = embedded_vocabulary_stats(embed)  # before patching: a failure leaves the model untouched
         # with no bias layers nothing is routed: the patched model runs its own attention on every layer
         super().__init__(model, config, layers=list(config.bias_layers or ()))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..api import patched
+from ..methods.validators import check_head, check_layer
 
 TASKS = ("classification", "next-token")
 METRICS = ("accuracy_drop", "prob_drop", "flip_rate", "taylor", "taylor_sum")
@@ -135,13 +136,10 @@ def _head_list(num_heads: list[int], heads: Mapping[int, Iterable[int]] | None) 
     if heads is None:
         return [(layer, h) for layer, n in enumerate(num_heads) for h in range(n)]
     out = []
-    for layer, hs in sorted(heads.items()):
-        if not 0 <= layer < len(num_heads):
-            raise ValueError(f"heads: layer {layer} is out of range; the model has layers 0..{len(num_heads) - 1}")
-        for h in sorted(hs):
-            if not 0 <= h < num_heads[layer]:
-                raise ValueError(f"heads[{layer}]: head {h} is out of range 0..{num_heads[layer] - 1}")
-            out.append((layer, h))
+    for layer, hs in heads.items():
+        layer = check_layer("heads", layer, len(num_heads))
+        out.extend((layer, check_head("heads", layer, h, num_heads[layer])) for h in hs)
+    out.sort()
     return out
 
 

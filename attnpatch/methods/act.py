@@ -16,7 +16,7 @@ import torch
 
 from ..kernels import reference
 from ..kernels.act import ColumnStats, act_attention
-from .base import AttentionCall, Method, register_method
+from .base import TEXT_FAMILIES, AttentionCall, Method, register_method
 from .validators import HeadSpec, check_bool, check_number, resolve_heads
 
 logger = logging.getLogger("attnpatch")
@@ -52,6 +52,8 @@ class ACTConfig:
 class ACT(Method):
     name = "act"
     config_class = ACTConfig
+    families = TEXT_FAMILIES
+    neutral_options = {"beta": 1.0, "heads": "all"}
 
     def __init__(self, config: ACTConfig, num_layers: int, num_heads: list[int]):
         super().__init__(config, num_layers, num_heads)

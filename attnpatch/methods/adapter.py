@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from ..kernels.biased_attention import biased_attention
-from .base import AttentionCall, Method, register_method
+from .base import TEXT_FAMILIES, AttentionCall, Method, register_method
+from .validators import check_head, check_layer
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,13 @@ class Probe:
 class AdapterAttention(Method):
     name = "adapter"
     config_class = AdapterConfig
+    families = TEXT_FAMILIES
+    neutral_options = {}  # an idle adapter (nothing asked of it) runs the model's own attention
 
     def __init__(self, config: AdapterConfig, num_layers: int, num_heads: list[int]):
         super().__init__(config, num_layers, num_heads)
         layers = range(num_layers) if config.layers is None else config.layers
-        for layer in layers:
-            if not 0 <= layer < num_layers:
-                raise ValueError(f"layers: layer {layer} is out of range; the model has layers 0..{num_layers - 1}")
-        self.adapter_layers = sorted(set(int(layer) for layer in layers))
+        self.adapter_layers = sorted({check_layer("layers", layer, num_layers) for layer in layers})
         self.perturbations: dict[int, torch.Tensor] = {}
         self.leaves: dict[int, torch.Tensor] | None = None
         self._leaf_layers: set[int] = set()
@@ -127,9 +127,7 @@ class AdapterAttention(Method):
     def add_probe(self, name: str, layer: int, head: int, query: int = 0) -> Probe:
         """Keep the probabilities [B, Lk] of (layer, head, query) of every later forward in `probe_values[name]`."""
         layer = self.check_layer(layer, f"probe {name!r}")
-        heads = self.num_heads[layer]
-        if isinstance(head, bool) or not isinstance(head, numbers.Integral) or not 0 <= head < heads:
-            raise ValueError(f"probe {name!r}: head {head!r} is out of range; layer {layer} has heads 0..{heads - 1}")
+        head = check_head(f"probe {name!r}", layer, head, self.num_heads[layer])
         if isinstance(query, bool) or not isinstance(query, numbers.Integral):
             raise ValueError(f"probe {name!r}: query must be an integer position, got {query!r}")
         probe = Probe(layer, int(head), int(query))

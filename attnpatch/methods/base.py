@@ -13,6 +13,10 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+# The transformers families of the tiny test models (tests/helpers/tiny_models.family_model) that a method reaching
+# attention through the registry is checked on; see Method.families.
+TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "bert")
+
 
 class UnsupportedModelError(TypeError):
     """attnpatch cannot reach this model's attention (or the method cannot run on it); nothing was patched."""
@@ -69,6 +73,11 @@ class Method:
     integration: ClassVar[str] = "transformers"  # how attnpatch reaches the model: "transformers" or "module_forward"
     scope: ClassVar[str] = "model"  # "language": patch only the language model of a vision-language model
     reads_layer_inputs: ClassVar[bool] = False  # True: observe_layer_input gets each selected layer's residual stream
+    # The contract every registered method passes (tests/methods/test_contract.py): with `neutral_options` it changes
+    # no output of a tiny model of each of `families` (names of tests/helpers/tiny_models.family_model), remove()
+    # restores the model bit for bit, a refused apply leaves it untouched, and a bad option names itself.
+    families: ClassVar[tuple[str, ...]] = ()
+    neutral_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Any, num_layers: int, num_heads: list[int]):
         self.config = config

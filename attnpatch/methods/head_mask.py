@@ -10,15 +10,14 @@ analyses use to recompute attention maps block by block without changing any out
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .base import AttentionCall, Method, register_method
-from .validators import resolve_heads
+from .base import TEXT_FAMILIES, AttentionCall, Method, register_method
+from .validators import check_layer, resolve_heads
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,9 +63,8 @@ def resolve_gates(
     """{layer: gate tensor} from the `gates` and `heads` options, checked against the model's layers and heads."""
     out: dict[int, torch.Tensor] = {}
     for layer, value in (gates or {}).items():
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < num_layers:
-            raise ValueError(f"gates: layer {layer!r} is out of range; the model has layers 0..{num_layers - 1}")
-        out[int(layer)] = _gate_tensor(int(layer), value, num_heads[int(layer)])
+        layer = check_layer("gates", layer, num_layers)
+        out[layer] = _gate_tensor(layer, value, num_heads[layer])
     removed = resolve_heads(dict(heads), num_layers, num_heads, range(0)) if heads else {}
     for layer, index in removed.items():
         keep = torch.ones(num_heads[layer])
@@ -78,6 +76,8 @@ def resolve_gates(
 @register_method
 class HeadMask(Method):
     name = "head_mask"
+    families = TEXT_FAMILIES
+    neutral_options = {"gates": {1: [1.0, 1.0, 1.0, 1.0]}}  # every head of layer 1 kept whole (the tiny models have 4)
     config_class = HeadMaskConfig
 
     def __init__(self, config: HeadMaskConfig, num_layers: int, num_heads: list[int]):

@@ -43,6 +43,8 @@ def _timm_outlook_class() -> type:
 @register_method
 class Outlook(ModuleMethod):
     name = "outlook"
+    families = ("volo",)
+    neutral_options = {}  # the fused op computes timm's operator as it is
     config_class = OutlookConfig
 
     @classmethod

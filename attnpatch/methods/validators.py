@@ -1,4 +1,5 @@
-"""Validation helpers shared by the method configs: every bad value names the option, the value and what is allowed."""
+"""Validators shared by the method configs and the tools that take layers and heads: every bad value names the option,
+the value and what is allowed."""
 
 from __future__ import annotations
 
@@ -20,6 +21,24 @@ def check_bool(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
+def check_layer(option: str, layer: Any, num_layers: int) -> int:
+    """`layer` as an int, refused unless it is an integer in 0..num_layers-1."""
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise ValueError(f"{option}: layer {layer!r} must be an integer, not {type(layer).__name__}")
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"{option}: layer {layer!r} is out of range; the model has layers 0..{num_layers - 1}")
+    return int(layer)
+
+
+def check_head(option: str, layer: int, head: Any, num_heads: int) -> int:
+    """`head` as an int, refused unless it is an integer in 0..num_heads-1 (the heads of `layer`)."""
+    if isinstance(head, bool) or not isinstance(head, numbers.Integral) or not 0 <= head < num_heads:
+        raise ValueError(
+            f"{option}[{layer}]: head {head!r} is out of range; layer {layer} has heads 0..{num_heads - 1}"
+        )
+    return int(head)
+
+
 HeadSpec = dict[int, list[int]]
 
 
@@ -39,18 +58,14 @@ def resolve_heads(spec: Any, num_layers: int, num_heads: list[int], default_laye
         )
     out: HeadSpec = {}
     for layer, heads in spec.items():
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < num_layers:
-            raise ValueError(f"heads: layer {layer!r} is out of range; the model has layers 0..{num_layers - 1}")
-        n = num_heads[int(layer)]
+        layer = check_layer("heads", layer, num_layers)
+        n = num_heads[layer]
         if heads == "all":
             heads = list(range(n))
         if isinstance(heads, numbers.Integral) and not isinstance(heads, bool):
             heads = [heads]
         if not isinstance(heads, (list, tuple, set, range)):
             raise ValueError(f"heads[{layer}] must be a list of head indices or 'all', got {heads!r}")
-        for h in heads:
-            if isinstance(h, bool) or not isinstance(h, numbers.Integral) or not 0 <= h < n:
-                raise ValueError(f"heads[{layer}]: head {h!r} is out of range; layer {layer} has heads 0..{n - 1}")
         if heads:
-            out[int(layer)] = sorted({int(h) for h in heads})
+            out[layer] = sorted({check_head("heads", layer, h, n) for h in heads})
     return out

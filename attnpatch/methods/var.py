@@ -18,7 +18,7 @@ import torch
 
 from ..kernels.var import var_attention
 from .base import AttentionCall, Method, register_method
-from .validators import check_bool, check_number
+from .validators import check_bool, check_layer, check_number
 
 RMS_EPSILON = 1e-6
 
@@ -76,6 +76,8 @@ def sink_scores(hidden: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
 @register_method
 class VAR(Method):
     name = "var"
+    families = ("llava",)
+    neutral_options = {"sink_dims": [3], "keep_fraction": 1.0}  # sinks keep all their attention
     config_class = VARConfig
     scope = "language"
     reads_layer_inputs = True
@@ -90,10 +92,7 @@ class VAR(Method):
             )
         last = num_layers if config.match_released_code else num_layers - 1
         layers = range(2, last) if config.layers is None else config.layers
-        bad = [x for x in layers if not 0 <= x < num_layers]
-        if bad:
-            raise ValueError(f"layers {bad} are out of range; the language model has layers 0..{num_layers - 1}")
-        self._layers = set(layers)
+        self._layers = {check_layer("layers", layer, num_layers) for layer in layers}
         if not self._layers:
             raise ValueError(f"no layer to patch: a {num_layers}-layer model has none in 2..L-2; pass layers=[...]")
         self._dims = torch.tensor(config.sink_dims)

@@ -244,7 +244,7 @@ def test_config_errors():
 
 
 def test_model_errors(llama, monkeypatch):
-    with pytest.raises(ValueError, match="bias_layers: layer 4 is out of range; LlamaForCausalLM has layers 0..3"):
+    with pytest.raises(ValueError, match="bias_layers: layer 4 is out of range; the model has layers 0..3"):
         IntentionConditioner(llama, bias_layers=[1, 4])
     assert attnpatch.get_patch(llama) is None  # nothing was patched
     with pytest.raises(TypeError, match="needs the transformers model"):

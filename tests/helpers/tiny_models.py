@@ -252,3 +252,72 @@ def planted_llama(
                 attn.q_proj.bias[h * hd + slot] = q_gain
     model.set_attn_implementation("sdpa")
     return model.to(device=device, dtype=dtype).eval()
+
+
+def sharpen(model: torch.nn.Module, gain: float = 60.0) -> torch.nn.Module:
+    """Scale the outlook logits' weights: timm's init gives logits of ~0.05, an almost uniform softmax that would
+    hide errors in it; with the gain the logits are O(1) and each window's attention is peaked."""
+    from timm.models.volo import OutlookAttention
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, OutlookAttention):
+                module.attn.weight.mul_(gain)
+    return model
+
+
+def tiny_volo(**kw) -> torch.nn.Module:
+    """A random VOLO small enough for CPU tests: an 11x11 stage-1 grid (odd: partial windows and ceil-mode pooling)
+    and outlook attention in two stages (11x11 and 5x5)."""
+    from timm.models.volo import VOLO
+
+    torch.manual_seed(0)
+    model = VOLO(
+        layers=(2, 1, 1, 1), img_size=88, embed_dims=(32, 64, 64, 64), num_heads=(2, 4, 4, 4), stem_hidden_dim=16,
+        num_classes=10, outlook_attention=(True, True, False, False), **kw,
+    )  # fmt: skip
+    return sharpen(model)
+
+
+# The model families a method can declare in `Method.families` (tests/methods/test_contract.py builds them by name).
+TRANSFORMERS_TEXT = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "bert")
+FAMILIES = (*TRANSFORMERS_TEXT, "llava", "volo")
+CONTRACT_PROMPTS = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37], [2, 6, 10, 14, 18, 22]]  # longer than a sliding window (5)
+
+
+def family_bases(family: str) -> tuple[str, ...]:
+    """The base attention implementations a model of `family` is checked under ("module" for timm models)."""
+    return ("module",) if family == "volo" else ("sdpa", "eager")
+
+
+def family_model(family: str, base: str = "sdpa") -> torch.nn.Module:
+    """A tiny random model of one of FAMILIES in fp32 eval mode, running attention implementation `base`."""
+    if family == "volo":
+        return tiny_volo().eval()
+    if family == "llava":
+        model = tiny_llava()
+        model.set_attn_implementation(base)
+        return model
+    return tiny_model(family, base)
+
+
+def family_inputs(family: str) -> dict[str, torch.Tensor]:
+    """Forward inputs for `family_model(family)`: a left-padded batch of two (images for llava and volo)."""
+    g = torch.Generator().manual_seed(1)
+    if family == "volo":
+        return {"x": torch.randn(2, 3, 88, 88, generator=g)}
+    if family == "llava":
+        ids, mask = left_padded_batch([llava_prompt([11, 12], [20, 21, 22, 23]), llava_prompt([13], [24, 25])])
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    ids, mask = left_padded_batch(CONTRACT_PROMPTS)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def family_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's main output for `inputs`, with padded positions zeroed (their values are not defined)."""
+    with torch.no_grad():
+        out = model(**inputs)
+    if not isinstance(out, torch.Tensor):
+        out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    mask = inputs.get("attention_mask")
+    return out if mask is None else out * mask[..., None].to(out.dtype)

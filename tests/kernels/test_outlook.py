@@ -20,6 +20,8 @@ from attnpatch import UnsupportedModelError
 from attnpatch.kernels import backend, outlook, reference
 from attnpatch.kernels.outlook import outlook_attention
 
+from tiny_models import sharpen, tiny_volo
+
 CASES = {
     # name: (B, H, W, heads, head_dim, K, padding, stride)
     "k3-s2-odd": (2, 7, 9, 2, 8, 3, 1, 2),  # VOLO's geometry: 1, 2 or 4 windows per pixel, partial windows at the edge
@@ -164,27 +166,6 @@ def test_bad_shapes_are_named(v_shape, logits_shape, geo, message):
 
 
 # ------------------------------------------------------------------------------------------------- timm modules
-
-
-def sharpen(model: nn.Module, gain: float = 60.0) -> nn.Module:
-    """Scale the outlook logits' weights: timm's init gives logits of ~0.05, an almost uniform softmax that would
-    hide errors in it; with the gain the logits are O(1) and each window's attention is peaked."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, OutlookAttention):
-                module.attn.weight.mul_(gain)
-    return model
-
-
-def tiny_volo(**kw) -> VOLO:
-    """A random VOLO small enough for CPU tests: an 11x11 stage-1 grid (odd: partial windows and ceil-mode pooling)
-    and outlook attention in two stages (11x11 and 5x5)."""
-    torch.manual_seed(0)
-    model = VOLO(
-        layers=(2, 1, 1, 1), img_size=88, embed_dims=(32, 64, 64, 64), num_heads=(2, 4, 4, 4), stem_hidden_dim=16,
-        num_classes=10, outlook_attention=(True, True, False, False), **kw,
-    )  # fmt: skip
-    return sharpen(model)
 
 
 def count_unfolds(model: nn.Module) -> list[int]:
