@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels import reference
 from ..methods.base import AttentionCall, ForwardContext, PatchView, UnsupportedModelError
 from .structure import (
     attention_modules,
@@ -72,16 +73,41 @@ def _make_dispatch(base_name: str) -> Callable:
         if binding is None:  # a module switched to our name without a patch: behave like the base
             return _base_function(module, base_name)(module, query, key, value, attention_mask, **kwargs)
 
+        # the maps are attnpatch's to return (below): the base is not asked for them (sdpa would only warn)
+        base_kwargs = {k: v for k, v in kwargs.items() if k != "output_attentions"}
+
         def base():
-            return binding.base_fn(module, query, key, value, attention_mask, **kwargs)
+            return binding.base_fn(module, query, key, value, attention_mask, **base_kwargs)
 
         if binding.layer not in binding.patch.selected_layers:
-            return base()
-        call = _make_call(binding, module, query, key, value, attention_mask, kwargs, base)
-        result = binding.patch.method.attend(call)
-        return base() if result is None else result
+            out, weights = base()
+        else:
+            call = _make_call(binding, module, query, key, value, attention_mask, kwargs, base)
+            result = binding.patch.method.attend(call)
+            out, weights = base() if result is None else result
+        if weights is None and kwargs.get("output_attentions"):
+            weights = _unpatched_maps(module, query, key, attention_mask, kwargs)
+        return out, weights
 
     return attnpatch_attention
+
+
+def _unpatched_maps(module: nn.Module, query, key, mask, kwargs) -> torch.Tensor:
+    """The attention probabilities [B, Hq, Lq, Lk] eager attention would return for this call, in the query's dtype.
+
+    `output_attentions=True` gets one map per layer on every base: the `sdpa` base returns none, so the layers it runs
+    (and methods that leave the probabilities as they are) get them computed here."""
+    scale = kwargs.get("scaling")
+    probs = reference.attention_probs(
+        query,
+        key,
+        scale=float(scale) if scale is not None else query.shape[-1] ** -0.5,
+        mask=mask,
+        causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))),
+        sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"),
+    )
+    return probs.to(query.dtype)
 
 
 def _make_call(binding, module, query, key, value, mask, kwargs, base) -> AttentionCall:

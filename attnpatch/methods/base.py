@@ -89,7 +89,10 @@ class Method:
         raise NotImplementedError
 
     def attend(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Return (out [B, Lq, Hq, D], weights or None), or None to use the base function unchanged."""
+        """Return (out [B, Lq, Hq, D], weights or None), or None to use the base function unchanged.
+
+        With `call.output_attentions`, a method that changes the probabilities returns them as weights; weights None
+        means "the unpatched probabilities", which the integration then computes the way eager attention would."""
         raise NotImplementedError
 
     def check_model(self, model_info: Any) -> None:

@@ -109,15 +109,25 @@ def test_dropout_in_training_mode_is_refused():
         model(ids, attention_mask=mask)
 
 
-def test_output_attentions_returns_calibrated_maps():
-    model = tiny_model("llama", "eager")
+@pytest.mark.parametrize("base", ["sdpa", "eager"])
+def test_output_attentions_returns_one_map_per_layer(base):
+    """Every base returns one map per layer with some layers patched: the patched layer's calibrated map, the others
+    as eager attention computes them (the sdpa base computes none), so attentions[i] is layer i."""
+    eager = tiny_model("llama", "eager")
+    model = tiny_model("llama", base)
     ids, mask = left_padded_batch([[1, 5, 9, 13, 17, 21], [2, 6, 10, 14]])
+    rows = mask.bool()[:, None, :, None]
     with torch.no_grad():
-        base = model(ids, attention_mask=mask, output_attentions=True).attentions
+        reference = eager(ids, attention_mask=mask, output_attentions=True).attentions
         with attnpatch.patched(model, "act", heads={1: "all"}, threshold=0.05, beta=0.0):
             maps = model(ids, attention_mask=mask, output_attentions=True).attentions
-    real = mask.bool()
-    assert torch.equal(maps[0], base[0])
-    rows = maps[1].sum(-1)  # [B, H, L]
-    assert torch.allclose(rows[real[:, None].expand_as(rows)], torch.ones(()), atol=1e-5)
-    assert not torch.allclose(maps[1], base[1])
+        with attnpatch.patched(model, "head_mask", gates={2: [1.0, 0.0, 1.0, 1.0]}):
+            gated = model(ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(maps) == len(gated) == len(reference) == model.config.num_hidden_layers
+    assert all(m.dtype == torch.float32 and m.shape == r.shape for m, r in zip(maps, reference, strict=True))
+    assert ((maps[0] - reference[0]) * rows).abs().max() <= 1e-6  # before the patched layer: the same
+    sums = maps[1].sum(-1)  # [B, H, L]
+    assert torch.allclose(sums[mask.bool()[:, None].expand_as(sums)], torch.ones(()), atol=1e-5)
+    assert ((maps[1] - reference[1]) * rows).abs().max() > 1e-2  # the calibrated layer's own map
+    for layer in range(3):  # gates on layer 2's head outputs leave the probabilities up to layer 2 as they are
+        assert ((gated[layer] - reference[layer]) * rows).abs().max() <= 1e-6
