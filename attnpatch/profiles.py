@@ -194,6 +194,11 @@ def _validate(config: Any, path: str) -> None:
 
 def resolve(profile: Profile | str | os.PathLike, model: nn.Module, method: str) -> Profile:
     """A Profile (loaded from a directory when given a path) checked against `model` and `method`."""
+    if not isinstance(profile, (Profile, str, os.PathLike)):
+        raise TypeError(
+            f"profile must be a Profile or the path of a directory written by Profile.save, got "
+            f"{type(profile).__name__} {profile!r}"
+        )
     if not isinstance(profile, Profile):
         profile = Profile.load(profile)
     profile.check(model, method)

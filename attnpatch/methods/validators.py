@@ -22,7 +22,10 @@ def check_bool(name: str, value: Any) -> None:
 
 
 def check_layer(option: str, layer: Any, num_layers: int) -> int:
-    """`layer` as an int, refused unless it is an integer in 0..num_layers-1."""
+    """`layer` as an int, refused unless it is an integer in 0..num_layers-1. A string of digits (a JSON object key,
+    such as {"2": "all"} read from a file) is read as that integer."""
+    if isinstance(layer, str) and layer.strip().isdigit():
+        layer = int(layer)
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
         raise ValueError(f"{option}: layer {layer!r} must be an integer, not {type(layer).__name__}")
     if not 0 <= layer < num_layers:
@@ -56,6 +59,8 @@ def resolve_heads(spec: Any, num_layers: int, num_heads: list[int], default_laye
         raise ValueError(
             f"heads must be None, 'all' or a dict {{layer: [heads] | 'all'}}, got {spec!r} ({type(spec).__name__})"
         )
+    if not spec:
+        raise ValueError("heads={} selects no head, so nothing would be patched; pass None, 'all' or {layer: [heads]}")
     out: HeadSpec = {}
     for layer, heads in spec.items():
         layer = check_layer("heads", layer, num_layers)
@@ -66,6 +71,7 @@ def resolve_heads(spec: Any, num_layers: int, num_heads: list[int], default_laye
             heads = [heads]
         if not isinstance(heads, (list, tuple, set, range)):
             raise ValueError(f"heads[{layer}] must be a list of head indices or 'all', got {heads!r}")
-        if heads:
-            out[layer] = sorted({check_head("heads", layer, h, n) for h in heads})
+        if not heads:
+            raise ValueError(f"heads[{layer}] is empty, so layer {layer} would not be patched; list its heads or 'all'")
+        out[layer] = sorted({check_head("heads", layer, h, n) for h in heads})
     return out

@@ -34,15 +34,26 @@ def test_unknown_method():
         (dict(heads={9: [0]}), r"layer 9 is out of range; the model has layers 0..3"),
         (dict(heads={1: [4]}), r"head 4 is out of range; layer 1 has heads 0..3"),
         (dict(heads={1: "some"}), "must be a list of head indices"),
+        (dict(heads={}), r"heads=\{\} selects no head, so nothing would be patched"),
+        (dict(heads={2: []}), r"heads\[2\] is empty, so layer 2 would not be patched"),
+        (dict(heads={"x": "all"}), "heads: layer 'x' must be an integer, not str"),
+        (dict(heads={2.0: "all"}), "heads: layer 2.0 must be an integer, not float"),
         (dict(betta=0.4), r"unknown option\(s\) \['betta'\]"),
+        (dict(profile=123), "profile must be a Profile or the path of a directory written by Profile.save, got int"),
     ],
 )
 def test_bad_options(options, match):
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((TypeError, ValueError), match=match):
         attnpatch.apply(model, "act", **options)
     assert attnpatch.get_patch(model) is None
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_layer_keys_read_from_json_are_layer_indices():
+    model = tiny_model("llama")
+    with attnpatch.patched(model, "act", heads={"2": "all", "1": [0, 3]}) as patch:
+        assert patch.method.heads == {1: [0, 3], 2: [0, 1, 2, 3]}
 
 
 def test_unsupported_models():
