@@ -10,8 +10,9 @@ from typing import Any, Protocol
 from torch import nn
 
 from .integrations.module_forward import ModuleForwardIntegration
+from .integrations.structure import unwrap
 from .integrations.transformers import TransformersIntegration
-from .methods.base import METHODS, ForwardContext, Method
+from .methods.base import METHODS, ForwardContext, Method, UnsupportedModelError
 
 _PATCH = "_attnpatch_patch"
 
@@ -53,7 +54,7 @@ class Patch:
 
     def _attach(self) -> None:
         self.integration.attach(self)
-        self.model.__dict__[_PATCH] = self
+        unwrap(self.model).__dict__[_PATCH] = self
         self.active = True
 
     def remove(self) -> None:
@@ -61,7 +62,7 @@ class Patch:
         if not self.active:
             return
         self.integration.detach()
-        self.model.__dict__.pop(_PATCH, None)
+        unwrap(self.model).__dict__.pop(_PATCH, None)
         self.method.reset()
         self.context = None
         self.active = False
@@ -92,7 +93,11 @@ def available_methods() -> list[str]:
 
 
 def get_patch(model: nn.Module) -> Patch | None:
-    """The active Patch of `model`, if any."""
+    """The active Patch of `model` (or of the model inside a PEFT wrapper), if any."""
+    try:
+        model = unwrap(model)
+    except UnsupportedModelError:
+        model = model._orig_mod  # a compiled module: the patch, if any, is on the model it compiled
     return model.__dict__.get(_PATCH)
 
 
@@ -116,7 +121,8 @@ def apply(model: nn.Module, method: str, **options: Any) -> Patch:
     """
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available methods: {available_methods()}")
-    existing = get_patch(model)
+    target = unwrap(model)  # a PEFT model's base model; a compiled module is refused
+    existing = get_patch(target)
     if existing is not None:
         raise RuntimeError(
             f"{type(model).__name__} is already patched ({existing.method.name}); call patch.remove() or "
@@ -126,9 +132,9 @@ def apply(model: nn.Module, method: str, **options: Any) -> Patch:
     if profile is not None:
         from .profiles import resolve
 
-        options = {**resolve(profile, model, method).apply_options(), **options}
+        options = {**resolve(profile, target, method).apply_options(), **options}
     config = _make_config(method, options)
-    integration = _make_integration(METHODS[method], model)
+    integration = _make_integration(METHODS[method], target)
     method_obj = METHODS[method](config, integration.num_layers, integration.num_heads)
     method_obj.check_model(integration)
     patch = Patch(model, method_obj, integration)

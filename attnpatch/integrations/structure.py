@@ -20,6 +20,24 @@ IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index")
 
 
 @functools.cache
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model a patch reaches inside a wrapper: a PEFT PeftModel's base model (its LoRA layers stay in it and keep
+    working). A torch.compile'd module is refused: its graphs were traced from the unpatched model."""
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+        inner = type(model._orig_mod).__name__
+        raise UnsupportedModelError(
+            f"attnpatch cannot patch a torch.compile'd {inner}: its compiled graphs were traced from the unpatched "
+            "model. Apply first, then compile: patch = attnpatch.apply(model, ...); compiled = torch.compile(model)"
+        )
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model) and type(model).__module__.startswith("peft."):
+        inner = get_base_model()
+        if isinstance(inner, nn.Module) and inner is not model:
+            return unwrap(inner)
+    return model
+
+
+@functools.cache
 def dispatches_through_registry(cls: type) -> bool:
     """True when the class's forward calls the AttentionInterface (the module transformers passes to the function)."""
     try:

@@ -30,6 +30,19 @@ from .structure import (
     num_query_heads,
 )
 
+# torch.compile: the hooks and a selected layer's method run outside compiled graphs (methods pick keys from the
+# attention values, so their shapes depend on data); the rest of the model, unselected layers included, compiles.
+OUTSIDE_GRAPHS = (
+    "attnpatch runs a patched layer's method and its forward hooks outside torch.compile graphs (their shapes depend "
+    "on the attention values): torch.compile(model) compiles the rest of the model around them; "
+    "fullgraph=True cannot hold them, so compile without fullgraph=True"
+)
+
+
+def _outside_graphs(fn: Callable) -> Callable:
+    return torch.compiler.disable(fn, reason=OUTSIDE_GRAPHS)
+
+
 NAME_PREFIX = "attnpatch_"
 SUPPORTED_BASES = ("sdpa", "eager")
 _BINDING = "_attnpatch_binding"
@@ -82,14 +95,20 @@ def _make_dispatch(base_name: str) -> Callable:
         if binding.layer not in binding.patch.selected_layers:
             out, weights = base()
         else:
-            call = _make_call(binding, module, query, key, value, attention_mask, kwargs, base)
-            result = binding.patch.method.attend(call)
-            out, weights = base() if result is None else result
+            out, weights = _run_method(binding, module, query, key, value, attention_mask, kwargs, base)
         if weights is None and kwargs.get("output_attentions"):
             weights = _unpatched_maps(module, query, key, attention_mask, kwargs)
         return out, weights
 
     return attnpatch_attention
+
+
+@_outside_graphs
+def _run_method(binding, module, query, key, value, attention_mask, kwargs, base):
+    """The selected layer's call through its method: (out, weights)."""
+    call = _make_call(binding, module, query, key, value, attention_mask, kwargs, base)
+    result = binding.patch.method.attend(call)
+    return base() if result is None else result
 
 
 def _unpatched_maps(module: nn.Module, query, key, mask, kwargs) -> torch.Tensor:
@@ -234,6 +253,7 @@ class TransformersIntegration:
         backbone = getattr(self.model, "base_model", self.model)
         signature = inspect.signature(backbone.forward)
 
+        @_outside_graphs
         def record_context(_module, args, kwargs):
             try:
                 bound = signature.bind_partial(*args, **kwargs).arguments
@@ -254,6 +274,7 @@ class TransformersIntegration:
             )
             patch.method.start_forward(patch.context)
 
+        @_outside_graphs
         def clear_context(_module, _args, _output):
             patch.context = None
 
@@ -269,6 +290,7 @@ class TransformersIntegration:
             if layer not in patch.selected_layers:
                 continue
 
+            @_outside_graphs
             def observe(_module, args, kwargs, layer=layer):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 patch.method.observe_layer_input(layer, hidden, patch.context or ForwardContext())
