@@ -12,7 +12,7 @@ from torch import nn
 from .integrations.module_forward import ModuleForwardIntegration
 from .integrations.structure import unwrap
 from .integrations.transformers import TransformersIntegration
-from .methods.base import METHODS, ForwardContext, Method, UnsupportedModelError
+from .methods.base import METHODS, ForwardContext, Method, UnsupportedModelError, describe_selection
 
 _PATCH = "_attnpatch_patch"
 
@@ -72,10 +72,10 @@ class Patch:
         self.method.reset()
 
     def describe(self) -> str:
-        layers = sorted(self.selected_layers)
-        span = f"layers {layers[0]}..{layers[-1]} ({len(layers)})" if layers else "no layers"
+        """What is patched: model, method with its options, the layers and heads it changes, active or removed."""
+        selection = describe_selection(self.method.selected_heads(), self.method.num_heads)
         state = "active" if self.active else "removed"
-        return f"{type(self.model).__name__} <- {self.method.describe()}; {span}; {state}"
+        return f"{type(self.model).__name__} <- {self.method.describe()} on {selection}; {state}"
 
     def __repr__(self) -> str:
         return f"Patch({self.describe()})"

@@ -81,6 +81,9 @@ class ACT(Method):
     def layers(self) -> set[int]:
         return set(self.heads)
 
+    def selected_heads(self) -> dict[int, list[int]]:
+        return {layer: list(heads) for layer, heads in sorted(self.heads.items())}
+
     def column_stats(self) -> dict[int, ColumnStats]:
         """layer -> running column statistic of its selected heads (the heads of `self.heads[layer]`, in order)."""
         return dict(self._history)

@@ -110,8 +110,32 @@ class Method:
     def reset(self) -> None:
         """Forget per-sequence state (a new sequence starts)."""
 
+    def selected_heads(self) -> dict[int, list[int]]:
+        """layer -> the heads the method changes there (default: every head of each selected layer)."""
+        return {layer: list(range(self.num_heads[layer])) for layer in sorted(self.layers())}
+
     def describe(self) -> str:
-        return f"{self.name}: {self.config}"
+        """The method and its options (those that select layers or heads are shown by Patch.describe)."""
+        fields = getattr(self.config, "__dataclass_fields__", {})
+        shown = [f"{k}={getattr(self.config, k)!r}" for k in fields if k not in ("heads", "layers")]
+        return f"{self.name}({', '.join(shown)})"
+
+
+def describe_selection(selected: dict[int, list[int]], num_heads: list[int]) -> str:
+    """'3 heads in 2 layers: {1: [0, 2], 2: all}' (long selections are summarised)."""
+    if not selected:
+        return "no layers"
+    count = sum(len(h) for h in selected.values())
+    layers = sorted(selected)
+    every = all(len(selected[layer]) == num_heads[layer] for layer in layers)
+    if every and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1:
+        where = f"every head of layers {layers[0]}..{layers[-1]}"
+    else:
+        parts = [
+            f"{layer}: {'all' if len(selected[layer]) == num_heads[layer] else selected[layer]}" for layer in layers
+        ]
+        where = "{" + ", ".join(parts[:8]) + (f", ... ({len(parts) - 8} more layers)" if len(parts) > 8 else "") + "}"
+    return f"{count} head{'s' * (count != 1)} in {len(layers)} layer{'s' * (len(layers) != 1)}: {where}"
 
 
 class ModuleMethod(Method):

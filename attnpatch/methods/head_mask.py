@@ -108,6 +108,9 @@ class HeadMask(Method):
         gate = gate[None, None, :, None] if gate.dim() == 1 else gate[:, None, :, None]
         return out * gate, weights
 
+    def selected_heads(self) -> dict[int, list[int]]:
+        return {layer: list(range(self.num_heads[layer])) for layer in sorted(self.gates)}
+
     def describe(self) -> str:
         parts = []
         for layer, gate in sorted(self.gates.items()):

@@ -142,3 +142,14 @@ def test_output_attentions_returns_one_map_per_layer(base):
     assert ((maps[1] - reference[1]) * rows).abs().max() > 1e-2  # the calibrated layer's own map
     for layer in range(3):  # gates on layer 2's head outputs leave the probabilities up to layer 2 as they are
         assert ((gated[layer] - reference[layer]) * rows).abs().max() <= 1e-6
+
+
+def test_patch_repr_says_what_is_patched():
+    model = tiny_model("llama")
+    with attnpatch.patched(model, "act", heads={1: [0, 2], 2: "all"}, beta=0.3) as patch:
+        text = repr(patch)
+    assert text.startswith("Patch(LlamaForCausalLM <- act(beta=0.3, threshold=0.1")
+    assert "6 heads in 2 layers: {1: [0, 2], 2: all}; active" in text
+    assert repr(patch).endswith("; removed)")
+    with attnpatch.patched(model, "act", heads="all") as patch:
+        assert "16 heads in 4 layers: every head of layers 0..3" in repr(patch)
