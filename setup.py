@@ -40,7 +40,8 @@ setup(
         # fine-tuning adapters with LoRA (attnpatch.adapters works without it; its LoRA tests and benchmarks need it)
         "train": ["peft>=0.10"],
         # rouge-score: the OCW tests cross-check our ROUGE-1 against the reference package
-        "dev": ["pytest>=7", "ruff>=0.5", "rouge-score>=0.1"],
+        # nbclient, nbformat, ipykernel: tests/integrations/test_notebook.py runs examples/quickstart.ipynb in a kernel
+        "dev": ["pytest>=7", "ruff>=0.5", "rouge-score>=0.1", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
     },
     entry_points={"console_scripts": ["attnpatch=attnpatch.cli:main"]},
 )
