@@ -7,8 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-# Additive float masks mark hidden keys with a very negative number (transformers uses finfo(dtype).min).
-_HIDDEN_BELOW = -1e30
+
+def hidden_below(dtype: torch.dtype) -> float:
+    """An additive float mask hides a key where its value is at or below half the dtype's most negative number.
+
+    transformers fills hidden keys with finfo(dtype).min (-65504 in fp16, -3.4e38 in fp32 and bf16) and a sum of
+    two such fills saturates there or at -inf; a real bias (ALiBi, relative positions) is orders of magnitude above
+    half of it in every float dtype. A fixed level (such as -1e30) would read every fp16 mask as all visible."""
+    return torch.finfo(dtype).min / 2
 
 
 @dataclass
@@ -36,7 +42,7 @@ class KeyRanges:
 
 def _visible(mask: torch.Tensor) -> torch.Tensor:
     """Boolean visibility of a bool (True = visible) or additive float mask."""
-    return mask if mask.dtype == torch.bool else mask > _HIDDEN_BELOW
+    return mask if mask.dtype == torch.bool else mask > hidden_below(mask.dtype)
 
 
 def _structural_visibility(

@@ -110,8 +110,11 @@ SINK_DIMS = (3, 517)  # hidden dimensions carrying planted massive activations i
 IMAGE_TOKENS = 16  # features per image: (32 / 8)^2 patches, CLS dropped
 
 
-def tiny_llava(seed: int = 0, plant_sinks: bool = True, num_layers: int = 5) -> torch.nn.Module:
-    """A random LLaVA (CLIP vision tower + Llama text model, GQA) with 16 image tokens per 32x32 image.
+def tiny_llava(
+    seed: int = 0, plant_sinks: bool = True, num_layers: int = 5, sliding_window: int | None = None
+) -> torch.nn.Module:
+    """A random LLaVA (CLIP vision tower + Llama text model, GQA) with 16 image tokens per 32x32 image; with
+    `sliding_window`, the text model is a Mistral whose every layer attends over that many keys.
 
     With `plant_sinks`, BOS and the 6th feature of every image carry massive activations on SINK_DIMS in the residual
     stream (the BOS embedding and the projector output are scaled there), like the visual sinks VAR targets.
@@ -122,7 +125,10 @@ def tiny_llava(seed: int = 0, plant_sinks: bool = True, num_layers: int = 5) -> 
     vision = tf.CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
     )
-    text = tf.LlamaConfig(  # wide enough that two dims can reach |x[d]| / RMS(x) > 20 (at most sqrt(hidden / 2))
+    text_config = tf.LlamaConfig if sliding_window is None else tf.MistralConfig
+    window = {} if sliding_window is None else {"sliding_window": sliding_window}
+    text = text_config(  # wide enough that two dims can reach |x[d]| / RMS(x) > 20 (at most sqrt(hidden / 2))
+        **window,
         hidden_size=1024,
         intermediate_size=128,
         num_hidden_layers=num_layers,
