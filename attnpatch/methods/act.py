@@ -2,8 +2,9 @@
 
 Per selected (layer, head): keys whose mean attention over the query rows that see them exceeds `threshold` are
 sinks; the first sink of each sequence (normally its first real token) is kept; every other sink's probability is
-scaled by `beta` and the freed mass goes back to the remaining keys in proportion. See DESIGN.md for the choices
-made where the authors' code is silent or broken (batches, padding, KV-cache decoding, GQA).
+scaled by `beta` and the freed mass goes back to the remaining keys in proportion. The README's section "What ACT
+does here, exactly" gives the choices made where the authors' code is silent or broken (batches, padding, KV-cache
+decoding, GQA).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ a sink dimension (max_d |x[d]| / RMS(x) > tau) are sinks. In every (head, text-q
 image-centric, each sink keeps `keep_fraction` of its probability and the rest goes to the non-sink image tokens in
 proportion. Sinks come from the prompt (generated tokens never are); the selection is re-run at every step. Only the
 language model is patched. Paper conventions by default; `match_released_code=True` reproduces the authors' code
-(sink-portion test, last layer included). See DESIGN.md and research/algorithms.md section 2.
+(sink-portion test, last layer included). The README's section "VAR: visual attention redistribution" says where
+this differs from the authors' code and what was checked against it.
 """
 
 from __future__ import annotations
