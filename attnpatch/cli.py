@@ -166,7 +166,7 @@ def _ocw_walls(args: argparse.Namespace):
 
 
 def _run_ocw(args: argparse.Namespace) -> int:
-    from .eval.ocw_runner import evaluate_ocw
+    from .eval.ocw.runner import evaluate_ocw
     from .profiles import Profile
 
     walls, train = _ocw_walls(args)

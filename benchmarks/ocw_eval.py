@@ -19,8 +19,8 @@ import time
 import torch
 
 import attnpatch
-from attnpatch.eval.ocw import load_walls
-from attnpatch.eval.ocw_runner import OCWReport, evaluate_ocw, rescore
+from attnpatch.eval.ocw.runner import OCWReport, evaluate_ocw, rescore
+from attnpatch.eval.ocw.walls import load_walls
 from attnpatch.models import load
 from attnpatch.profiles import Profile
 

@@ -1,9 +1,18 @@
 """Evaluation harness: multiple-choice tasks, batched log-likelihood scoring, paired statistics, Only Connect Wall."""
 
-from .ocw import OCWDataError, Wall, load_walls, parse_connections, parse_groups
-from .ocw_metrics import chance_reference, connection_metrics, grouping_metrics
-from .ocw_runner import OCWReport, evaluate_ocw
-from .ocw_solver import best_partition
+from .ocw import (
+    OCWDataError,
+    OCWReport,
+    Wall,
+    best_partition,
+    chance_reference,
+    connection_metrics,
+    evaluate_ocw,
+    grouping_metrics,
+    load_walls,
+    parse_connections,
+    parse_groups,
+)
 from .scoring import choose, option_logprobs, score_items
 from .stats import accuracy, bootstrap_ci, mcnemar_exact, paired_comparison
 from .tasks import Item, available_tasks, load_task, task_sizes

@@ -7,21 +7,17 @@ so the report is the same as a single-process run's.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..api import patched
 from ..distributed import Processes
-from ..profiles import Profile
+from .configs import Config, describe, patch_context
 from .scoring import Normalize, score_items
 from .stats import bootstrap_ci, paired_comparison
 from .tasks import Item, load_task
-
-Config = Mapping[str, Any] | Profile | None
 
 
 class SavedReport:
@@ -88,24 +84,6 @@ class EvalReport(SavedReport):
         return "\n".join(lines)
 
 
-def _describe(config: Config) -> Any:
-    if config is None:
-        return "unpatched"
-    if isinstance(config, Profile):
-        return {"method": config.method, "profile_heads": config.num_heads, **config.options}
-    return dict(config)
-
-
-def _context(model, config: Config):
-    if config is None:
-        return contextlib.nullcontext()
-    if isinstance(config, Profile):
-        return patched(model, config.method, profile=config)
-    options = dict(config)
-    method = options.pop("method")
-    return patched(model, method, **options)
-
-
 def evaluate(
     model,
     tokenizer,
@@ -130,7 +108,7 @@ def evaluate(
     processes = Processes()
     report = EvalReport(
         model=model_name or type(model).__name__,
-        configs={name: _describe(c) for name, c in configs.items()},
+        configs={name: describe(c) for name, c in configs.items()},
         tasks=list(tasks),
         shots=shots,
         part=part,
@@ -145,7 +123,7 @@ def evaluate(
         correct: dict[str, list[bool]] = {}
         for name, config in configs.items():
             started = time.perf_counter()
-            with _context(model, config):
+            with patch_context(model, config):
                 preds = score_items(
                     model,
                     tokenizer,

@@ -67,11 +67,18 @@ class VARConfig:
         return "code" if self.match_released_code else "paper"
 
 
-def sink_scores(hidden: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
-    """[B, L] max over `dims` of |x[d]| / RMS(x), in float32, RMS without the norm weight."""
+def massive_ratios(hidden: torch.Tensor, dims: Any = None) -> torch.Tensor:
+    """VAR's massive-activation ratio |x[d]| / RMS(x) over the last dimension, in float32, RMS without the norm
+    weight (eps RMS_EPSILON): [..., D], or [..., len(dims)] for the given `dims`. What calibration measures and what
+    `sink_scores` thresholds."""
     x = hidden.float()
     rms = x.pow(2).mean(-1, keepdim=True).add_(RMS_EPSILON).sqrt_()
-    return (x[..., dims] / rms).abs().amax(-1)
+    return (x if dims is None else x[..., dims]).abs() / rms
+
+
+def sink_scores(hidden: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """[B, L] max over `dims` of |x[d]| / RMS(x) (`massive_ratios`): tokens above tau are sinks."""
+    return massive_ratios(hidden, dims).amax(-1)
 
 
 @register_method

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import attnpatch
 from attnpatch.calibrate.var import _tau_warnings, calibrate_var, discover_sink_dims, layer_input_ratios
+from attnpatch.calibrate.var import capture as var_capture
+from attnpatch.integrations.structure import text_decoder_layers
+from attnpatch.methods.var import VAR, VARConfig, massive_ratios
 from attnpatch.profiles import Profile
 
 from calibration_fixtures import word_tokenizer
@@ -163,3 +168,26 @@ def test_llava_language_model():
     assert sorted(report.dims) == sorted(LLAVA_SINK_DIMS) and set(report.sink_tokens) == {f"#{LLAVA_BOS}@0"}
     assert report.num_layers == 5 and report.warnings == []
     assert attnpatch.calibrate(model, None, rows, method="var").options["sink_dims"] == report.dims
+
+
+def test_calibration_measures_the_ratio_the_method_thresholds():
+    """One statistic (`massive_ratios`): on the planted LLaVA, phi measured by calibration on its dims equals the
+    method's score, and VAR's sink selection is exactly the tokens whose measured phi passes the calibrated tau."""
+    assert var_capture.massive_ratios is massive_ratios
+    model = tiny_llava()
+    rows = [[LLAVA_BOS, *row] for row in prompts(3)]
+    profile = calibrate_var(model, None, rows)
+    dims, tau = profile.options["sink_dims"], profile.options["tau"]
+    num_layers = len(text_decoder_layers(model))
+    method = VAR(VARConfig(sink_dims=dims, tau=tau), num_layers, [1] * num_layers)
+    prompt = SimpleNamespace(past_length=0, attention_mask=None)
+    for ids in rows:
+        hidden = var_capture.capture_layer_inputs(model, ids, None, lambda layer, x: x.clone())
+        measured = layer_input_ratios(model, ids, dims=dims)
+        assert sorted(measured) == sorted(hidden) == list(range(2, num_layers))
+        for layer, x in hidden.items():
+            phi = measured[layer].amax(-1)
+            assert torch.equal(phi, massive_ratios(x, dims).amax(-1).cpu())
+            method.observe_layer_input(layer, x[None], prompt)
+            assert torch.equal(method.sinks[layer][0].cpu(), phi > tau)
+            assert (phi > tau).nonzero().flatten().tolist() == [0]  # the planted BOS

@@ -13,8 +13,20 @@ import pytest
 import torch
 
 from attnpatch.cli import main as cli_main
-from attnpatch.eval import ocw, ocw_solver
-from attnpatch.eval.ocw import (
+from attnpatch.eval.ocw import solver as ocw_solver
+from attnpatch.eval.ocw import walls as ocw_walls
+from attnpatch.eval.ocw.metrics import (
+    chance_reference,
+    clue2group,
+    connection_metrics,
+    grouping_metrics,
+    paired_means,
+    rouge1_f1,
+    rouge_tokens,
+)
+from attnpatch.eval.ocw.runner import evaluate_ocw, generate_texts, rescore
+from attnpatch.eval.ocw.solver import best_partition, pair_items, pair_matrix, partition_table, solve
+from attnpatch.eval.ocw.walls import (
     OCWDataError,
     Wall,
     connections_done,
@@ -28,17 +40,6 @@ from attnpatch.eval.ocw import (
     parse_walls,
     word_errors,
 )
-from attnpatch.eval.ocw_metrics import (
-    chance_reference,
-    clue2group,
-    connection_metrics,
-    grouping_metrics,
-    paired_means,
-    rouge1_f1,
-    rouge_tokens,
-)
-from attnpatch.eval.ocw_runner import evaluate_ocw, generate_texts, rescore
-from attnpatch.eval.ocw_solver import best_partition, pair_items, pair_matrix, partition_table, solve
 
 from tiny_models import llama_for, minilm_tokenizer
 
@@ -140,7 +141,7 @@ def test_loader_missing_file(tmp_path):
 
 
 def test_shared_data_loads():
-    folder = ocw.default_data_dir()
+    folder = ocw_walls.default_data_dir()
     if not (folder / "validation.json").is_file():
         pytest.skip("../shared/data/ocw not present")
     for split in ("train", "validation"):
@@ -151,7 +152,7 @@ def test_shared_data_loads():
 # ---------------------------------------------------------------------------------------------------- prompts
 
 EXPECTED_BASE_PROMPT = (
-    ocw.TASK1_SYSTEM + "\n\nExample solved wall(s):\n\nExample 1\n"
+    ocw_walls.TASK1_SYSTEM + "\n\nExample solved wall(s):\n\nExample 1\n"
     "Apple, Pear, Plum, Fig. Connection: Fruit\nRed, Blue, Green, Teal. Connection: Colours\n"
     "Mars, Venus, Earth, Saturn. Connection: Planets\nIron, Gold, Tin, Lead. Connection: Metals\n\n"
     "Clues: {clues}\n\nSolved wall:\n"
@@ -178,7 +179,7 @@ def test_clue_order_is_fixed():
 
 def test_connections_prompt_lists_gt_groups():
     prompt = connections_prompt(wall(), [])
-    assert prompt.startswith(ocw.TASK2_SYSTEM + "\n\nGroups:\nApple, Pear, Plum, Fig. Connection:\n")
+    assert prompt.startswith(ocw_walls.TASK2_SYSTEM + "\n\nGroups:\nApple, Pear, Plum, Fig. Connection:\n")
     assert prompt.endswith("Iron, Gold, Tin, Lead. Connection:\n\nSolved wall:\n")
 
 
@@ -201,7 +202,7 @@ def test_chat_template_prompt():
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     prompt = grouping_prompt(wall(), [], tokenizer=tok)
-    assert prompt.startswith(f"<|system|>{ocw.TASK1_SYSTEM}<|end|><|user|>Clues: ")
+    assert prompt.startswith(f"<|system|>{ocw_walls.TASK1_SYSTEM}<|end|><|user|>Clues: ")
     assert prompt.endswith("\n\nSolved wall:<|end|><|assistant|>")
 
 

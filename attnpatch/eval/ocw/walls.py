@@ -3,8 +3,8 @@
 A wall has 16 clues that form 4 groups of 4, with red herrings; task 1 groups the clues, task 2 names each group's
 connection (given the ground-truth groups). This module loads walls from the dataset's JSON schema, builds the
 prompts of the authors' LLM baselines (their `notebooks/run_openai.ipynb`) for base and chat-template models, and
-parses model output into 4x4 groups and 4 connections. Metrics live in `ocw_metrics`, the log-likelihood solver in
-`ocw_solver`, the A/B runner in `ocw_runner`.
+parses model output into 4x4 groups and 4 connections. Metrics live in `ocw.metrics`, the log-likelihood solver in
+`ocw.solver`, the A/B runner in `ocw.runner`.
 
 Differences from the notebook, all deliberate:
 - The project's copy of the data lists each wall's `words` in group order (the authors' released files were
@@ -89,7 +89,7 @@ class Wall:
 def default_data_dir() -> Path:
     """`$ATTNPATCH_OCW_DIR`, else `../shared/data/ocw` next to the source checkout."""
     env = os.environ.get("ATTNPATCH_OCW_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ocw"
+    return Path(env) if env else Path(__file__).resolve().parents[3].parent / "shared" / "data" / "ocw"
 
 
 def load_walls(source: str | os.PathLike = "validation", data_dir: str | os.PathLike | None = None) -> list[Wall]:

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .ocw import Wall, format_examples
-from .scoring import option_logprobs
-from .tasks import Item
+from ..scoring import option_logprobs
+from ..tasks import Item
+from .walls import Wall, format_examples
 
 CONTEXT = "{a},"
 OPTION = " {b}"

@@ -4,13 +4,12 @@ the authors' metrics, with paired differences against the first configuration.
 Modes: "generate" -- the authors' LLM baseline: greedy generation (at most 144 new tokens) from the notebook's prompts,
 parsed into 4x4 groups (task 1) and 4 connections (task 2, given the ground-truth groups); generation of a prompt stops
 early once its parse can no longer change. "constrained" -- task 1 only, by the pair log-likelihood solver of
-`ocw_solver` (always a valid 4x4 answer). Model output that cannot be parsed is scored as misformatted words, never an
+`ocw.solver` (always a valid 4x4 answer). Model output that cannot be parsed is scored as misformatted words, never an
 error.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,9 +18,20 @@ from typing import Any, Literal
 
 import torch
 
-from ..api import patched
-from ..profiles import Profile
-from .ocw import (
+from ..configs import Config, describe, patch_context
+from ..runner import SavedReport
+from ..scoring import encode_context
+from ..stats import bootstrap_ci, paired_comparison
+from .metrics import (
+    chance_reference,
+    connection_metrics,
+    grouping_metrics,
+    paired_means,
+    summarize_connections,
+    summarize_grouping,
+)
+from .solver import example_prefix, pair_scores, solve
+from .walls import (
     MAX_NEW_TOKENS,
     Wall,
     connections_done,
@@ -34,21 +44,8 @@ from .ocw import (
     parse_groups,
     word_errors,
 )
-from .ocw_metrics import (
-    chance_reference,
-    connection_metrics,
-    grouping_metrics,
-    paired_means,
-    summarize_connections,
-    summarize_grouping,
-)
-from .ocw_solver import example_prefix, pair_scores, solve
-from .runner import SavedReport
-from .scoring import encode_context
-from .stats import bootstrap_ci, paired_comparison
 
 Mode = Literal["generate", "constrained"]
-Config = Mapping[str, Any] | Profile | None
 TASK1_PAIRED = ("correct_groups", "AMI", "ARI", "FMS", "WD")
 TASK2_PAIRED = ("exact_match", "rouge1_f1")
 
@@ -208,23 +205,6 @@ def generate_texts(
 # ---------------------------------------------------------------------------------------------------- one config
 
 
-def _patch_context(model, config: Config):
-    if config is None:
-        return contextlib.nullcontext()
-    if isinstance(config, Profile):
-        return patched(model, config.method, profile=config)
-    options = dict(config)
-    return patched(model, options.pop("method"), **options)
-
-
-def _describe(config: Config) -> Any:
-    if config is None:
-        return "unpatched"
-    if isinstance(config, Profile):
-        return {"method": config.method, "profile_heads": config.num_heads, **config.options}
-    return dict(config)
-
-
 def _grouping_records(walls: Sequence[Wall], clue_lists, predictions, raw) -> list[dict[str, Any]]:
     records = []
     for wall, clues, groups, text in zip(walls, clue_lists, predictions, raw, strict=True):
@@ -348,7 +328,7 @@ def evaluate_ocw(
         split=split,
         shots=shots,
         walls=[w.wall_id for w in walls],
-        configs={name: _describe(c) for name, c in configs.items()},
+        configs={name: describe(c) for name, c in configs.items()},
         seed=seed,
         chance=chance_reference(chance_samples) if chance_samples != 0 else {},
     )
@@ -356,7 +336,7 @@ def evaluate_ocw(
         started = time.perf_counter()
         if progress:
             print(f"ocw {mode}: {name} on {len(walls)} walls", flush=True)
-        with _patch_context(model, config):
+        with patch_context(model, config):
             report.results[name] = _run_config(
                 model, tokenizer, walls, clue_lists, prompts, mode=mode, prefix=example_prefix(examples),
                 batch_size=batch_size or (64 if mode == "constrained" else 8), max_new_tokens=max_new_tokens,
