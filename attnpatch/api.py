@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import uuid
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -12,7 +13,7 @@ from torch import nn
 from .integrations.module_forward import ModuleForwardIntegration
 from .integrations.structure import unwrap
 from .integrations.transformers import TransformersIntegration
-from .methods.base import METHODS, ForwardContext, Method, UnsupportedModelError, describe_selection
+from .methods.base import METHODS, Method, UnsupportedModelError, describe_selection
 
 _PATCH = "_attnpatch_patch"
 
@@ -45,7 +46,7 @@ class Patch:
         self.method = method
         self.integration = integration
         self.selected_layers = frozenset(method.layers())
-        self.context: ForwardContext | None = None
+        self.key = f"{method.name}:{uuid.uuid4().hex}"  # a KV cache keeps this patch's sequence state under it
         self.active = False
 
     @property
@@ -63,13 +64,11 @@ class Patch:
             return
         self.integration.detach()
         unwrap(self.model).__dict__.pop(_PATCH, None)
-        self.method.reset()
-        self.context = None
         self.active = False
 
     def reset(self) -> None:
-        """Forget per-sequence state, e.g. before reusing a KV cache for an unrelated sequence."""
-        self.method.reset()
+        """Does nothing, kept for compatibility: per-sequence state lives with each KV cache (a new cache, or a call
+        without one, starts a new sequence)."""
 
     def describe(self) -> str:
         """What is patched: model, method with its options, the layers and heads it changes, active or removed."""

@@ -10,8 +10,10 @@ the KV cache held before this forward and the 2-D padding mask. remove: switch b
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +46,7 @@ def _outside_graphs(fn: Callable) -> Callable:
 
 
 NAME_PREFIX = "attnpatch_"
+STATES = "_attnpatch_states"  # attribute of a KV cache object: {patch key: its method's state of that sequence}
 SUPPORTED_BASES = ("sdpa", "eager")
 _BINDING = "_attnpatch_binding"
 
@@ -76,6 +79,7 @@ class Binding:
     patch: PatchView
     layer: int
     base_fn: Callable
+    integration: TransformersIntegration
 
 
 def _make_dispatch(base_name: str) -> Callable:
@@ -130,7 +134,12 @@ def _unpatched_maps(module: nn.Module, query, key, mask, kwargs) -> torch.Tensor
 
 
 def _make_call(binding, module, query, key, value, mask, kwargs, base) -> AttentionCall:
-    ctx: ForwardContext = binding.patch.context or ForwardContext()
+    ctx = binding.integration.current()
+    if ctx is None:
+        raise RuntimeError(
+            f"attnpatch {binding.patch.method.name}: layer {binding.layer}'s attention ran outside a forward of the "
+            "patched model's backbone (the patch learns the KV cache and padding from that forward); call the model"
+        )
     batch, _, lq, head_dim = query.shape
     lk = key.shape[2]
     past = ctx.past_length
@@ -160,6 +169,7 @@ def _make_call(binding, module, query, key, value, mask, kwargs, base) -> Attent
         output_attentions=bool(kwargs.get("output_attentions", False)),
         cache_kind=ctx.cache_kind if past > 0 else "none",
         mask_memo=ctx.masks,
+        state=ctx.state,
     )
 
 
@@ -204,6 +214,25 @@ class TransformersIntegration:
             )
         self.base_by_config = {id(cfg): cfg._attn_implementation for cfg in self.configs}
         self._handles: list[Any] = []
+        self._patch: PatchView | None = None
+        self._local = threading.local()  # this thread's stack of the forwards running now
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry everything but the threads' forward stacks (a copy starts with none)."""
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+        if self._patch is not None:  # unpickled in another process: its registry does not know our names yet
+            self._register()
+
+    def current(self) -> ForwardContext | None:
+        """The context of the innermost forward of the patched backbone running in this thread, if any."""
+        stack = getattr(self._local, "stack", None)
+        return stack[-1] if stack else None
 
     @property
     def num_layers(self) -> int:
@@ -239,63 +268,108 @@ class TransformersIntegration:
                 wanted[key] = name_for(sub._attn_implementation)
         self.model.set_attn_implementation(wanted)
 
-    def attach(self, patch: PatchView) -> None:
+    def _register(self) -> None:
+        """Register the dispatch function and the base's mask function under our name for each base (idempotent)."""
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
         for base in set(self.base_by_config.values()):
             AttentionInterface.register(NAME_PREFIX + base, _make_dispatch(base))
             AttentionMaskInterface.register(NAME_PREFIX + base, ALL_MASK_ATTENTION_FUNCTIONS[base])
+
+    def attach(self, patch: PatchView) -> None:
+        self._patch = patch
+        self._register()
         for layer, module in self.modules:
             cfg = getattr(module, "config", None) or self.model.config
             base_fn = _base_function(module, self.base_by_config[id(cfg)])
-            module.__dict__[_BINDING] = Binding(patch=patch, layer=layer, base_fn=base_fn)
+            module.__dict__[_BINDING] = Binding(patch=patch, layer=layer, base_fn=base_fn, integration=self)
+        # hooks are bound methods (and partials of them): a deep copy or a pickle of the model carries its own
         backbone = getattr(self.model, "base_model", self.model)
-        signature = inspect.signature(backbone.forward)
-
-        @_outside_graphs
-        def record_context(_module, args, kwargs):
-            try:
-                bound = signature.bind_partial(*args, **kwargs).arguments
-            except TypeError:
-                bound = kwargs
-            cache = bound.get("cache", bound.get("past_key_values"))
-            past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-            mask = bound.get("attention_mask")
-            ids = bound.get("input_ids")
-            images = None
-            if self.image_token_id is not None and isinstance(ids, torch.Tensor):
-                images = image_positions(ids, self.image_token_id)
-            patch.context = ForwardContext(
-                past_length=past,
-                attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
-                cache_kind=_cache_kind(cache),
-                image_mask=images,
-            )
-            patch.method.start_forward(patch.context)
-
-        @_outside_graphs
-        def clear_context(_module, _args, _output):
-            patch.context = None
-
-        self._handles.append(backbone.register_forward_pre_hook(record_context, with_kwargs=True))
-        self._handles.append(backbone.register_forward_hook(clear_context))
+        if backbone is not self.model:
+            self._handles.append(self.model.register_forward_pre_hook(self._note_logits_to_keep, with_kwargs=True))
+        self._handles.append(backbone.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._handles.append(backbone.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True))
         if patch.method.reads_layer_inputs:
-            self._hook_layer_inputs(patch)
+            for layer, module in enumerate(decoder_layers(self.root)):
+                if layer in patch.selected_layers:
+                    hook = functools.partial(self._observe_layer_input, layer)
+                    self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         self._set_implementation(lambda base: NAME_PREFIX + base)
 
-    def _hook_layer_inputs(self, patch: PatchView) -> None:
-        """Hand the residual stream entering each selected decoder layer to the method."""
-        for layer, module in enumerate(decoder_layers(self.root)):
-            if layer not in patch.selected_layers:
-                continue
+    @_outside_graphs
+    def _note_logits_to_keep(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """generate() asks for the logits of the last row only; assisted decoding asks for one per candidate it
+        verifies (logits_to_keep = candidates + 1): the backbone's forward reads this."""
+        keep = kwargs.get("logits_to_keep")
+        self._local.logits_to_keep = keep if isinstance(keep, int) else None
 
-            @_outside_graphs
-            def observe(_module, args, kwargs, layer=layer):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                patch.method.observe_layer_input(layer, hidden, patch.context or ForwardContext())
+    @_outside_graphs
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward of the backbone begins: find its sequence's state (with the KV cache it continues, or new) and
+        make its context this thread's current one."""
+        patch = self._patch
+        bound = _forward_arguments(type(module), args, kwargs)
+        cache = bound.get("cache", bound.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        mask = bound.get("attention_mask")
+        ids = bound.get("input_ids")
+        embeds = bound.get("inputs_embeds")
+        new = next((t.shape[1] for t in (ids, embeds) if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
+        images = None
+        if self.image_token_id is not None and isinstance(ids, torch.Tensor):
+            images = image_positions(ids, self.image_token_id)
+        keep = self._local.__dict__.pop("logits_to_keep", None)
+        context = ForwardContext(
+            past_length=past,
+            attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+            cache_kind=_cache_kind(cache),
+            image_mask=images,
+            new_tokens=new,
+            verified_rows=keep if keep is not None and keep > 1 else None,
+            cache=cache,
+            state=self._sequence_state(cache, past),
+        )
+        patch.method.start_forward(context)
+        patch.method.note_state(context.state)
+        if cache is not None and context.state is not None:
+            cache.__dict__.setdefault(STATES, {})[patch.key] = context.state
+        stack = self._local.__dict__.setdefault("stack", [])
+        stack.append(context)
 
-            self._handles.append(module.register_forward_pre_hook(observe, with_kwargs=True))
+    def _sequence_state(self, cache: Any, past: int) -> Any:
+        """The method's state of the sequence this forward belongs to: new for a forward that starts one, else the
+        one its KV cache carries."""
+        method = self._patch.method
+        if past == 0:
+            return method.new_state()
+        state = getattr(cache, "__dict__", {}).get(STATES, {}).get(self._patch.key)
+        if state is None and method.new_state() is not None:
+            raise RuntimeError(
+                f"attnpatch {method.name}: this KV cache holds {past} tokens that this patch did not see (it was "
+                "filled before the patch was applied, by another model or patch, or rebuilt without attnpatch's "
+                "state); run the whole sequence through the patched model, starting without a cache"
+            )
+        return state
+
+    @_outside_graphs
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """The forward ended (also when it raised): its context is no longer current; a KV cache the model made
+        during the forward gets the sequence's state."""
+        stack = getattr(self._local, "stack", None)
+        context = stack.pop() if stack else None
+        if context is None or context.state is None or context.cache is not None:
+            return
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            cache.__dict__.setdefault(STATES, {})[self._patch.key] = context.state
+
+    @_outside_graphs
+    def _observe_layer_input(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Hand the residual stream entering decoder layer `layer` to the method."""
+        context = self.current()
+        if context is not None:
+            self._patch.method.observe_layer_input(layer, args[0] if args else kwargs["hidden_states"], context)
 
     def detach(self) -> None:
         self._set_implementation(lambda name: name.removeprefix(NAME_PREFIX))
@@ -304,3 +378,22 @@ class TransformersIntegration:
         self._handles.clear()
         for _, module in self.modules:
             module.__dict__.pop(_BINDING, None)
+        self._patch = None
+
+
+@functools.cache
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def _forward_arguments(cls: type, args: tuple, kwargs: dict) -> dict:
+    """The backbone forward's arguments by name."""
+    try:
+        return _forward_signature(cls).bind_partial(None, *args, **kwargs).arguments
+    except TypeError:
+        return kwargs
+
+
+def sequence_state(cache: Any, key: str) -> Any:
+    """The state a patch (by its key) keeps with a KV cache, or None."""
+    return getattr(cache, "__dict__", {}).get(STATES, {}).get(key)

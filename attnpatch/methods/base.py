@@ -7,6 +7,7 @@ nothing of each other.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -24,14 +25,21 @@ class UnsupportedModelError(TypeError):
 
 @dataclass
 class ForwardContext:
-    """What the backbone's forward was called with: tokens already in the cache, the 2-D padding mask, the kind of
-    cache, and the image positions among this forward's tokens (None when the model has no image token or the call
-    gave no input_ids). `masks` memoises this forward's 4-D masks as KeyRanges (kernels.masking.MaskMemo)."""
+    """One forward of the patched backbone: tokens already in its KV cache, the 2-D padding mask, the kind of cache,
+    the image positions among this forward's tokens (None when the model has no image token or the call gave no
+    input_ids), how many tokens it adds (and, in a verification forward of assisted decoding, how many rows it
+    verifies), the cache object itself, and `state`: the method's state of the sequence
+    (from `Method.new_state` for a forward that starts one, else the one the cache carries). `masks` memoises this
+    forward's 4-D masks as KeyRanges (kernels.masking.MaskMemo)."""
 
     past_length: int = 0
     attention_mask: torch.Tensor | None = None
     cache_kind: str = "none"
     image_mask: torch.Tensor | None = None
+    new_tokens: int | None = None
+    verified_rows: int | None = None  # assisted decoding verifies this many candidate rows (+1) in this forward
+    cache: Any = None
+    state: Any = None
     masks: dict = field(default_factory=dict)
 
 
@@ -63,10 +71,14 @@ class AttentionCall:
     output_attentions: bool = False
     cache_kind: str = "dynamic"  # "none", "dynamic" (keys in order), or "other" (static/offloaded/... caches)
     mask_memo: dict | None = None  # the forward's kernels.masking.MaskMemo (a 4-D mask is checked once per forward)
+    state: Any = None  # the method's state of this call's sequence (ForwardContext.state)
 
 
 class Method:
-    """A named attention rule with a validated config; subclasses keep their per-sequence state on the instance."""
+    """A named attention rule with a validated config. Per-sequence state never lives on the instance: a method that
+    needs some returns a fresh object from `new_state`, the integration keeps it with the sequence's KV cache and hands
+    it back in `ForwardContext.state` and `AttentionCall.state` (so any number of sequences, caches, copies of caches
+    and threads can run through one patched model)."""
 
     name: ClassVar[str]
     config_class: ClassVar[type]
@@ -98,17 +110,39 @@ class Method:
     def check_model(self, model_info: Any) -> None:
         """Refuse a model the method cannot run on (`model_info` is the integration: hidden_size, image_token_id)."""
 
-    def start_forward(self, context: Any) -> None:
-        """A forward of the backbone begins (`context`: past_length, attention_mask, image_mask); a forward with an
-        empty cache starts a new sequence."""
-        if context.past_length == 0:
-            self.reset()
+    def new_state(self) -> Any:
+        """The state of a new sequence (None: the method keeps none)."""
+        return None
 
-    def observe_layer_input(self, layer: int, hidden: torch.Tensor, context: Any) -> None:
+    def start_forward(self, context: ForwardContext) -> None:
+        """A forward of the backbone begins: check (and, after `cache.crop`, cut back) `context.state` against the
+        KV cache it continues, or raise an error that names what cannot be followed."""
+
+    def observe_layer_input(self, layer: int, hidden: torch.Tensor, context: ForwardContext) -> None:
         """The residual stream [B, L, hidden] entering decoder layer `layer` (only when `reads_layer_inputs`)."""
 
     def reset(self) -> None:
-        """Forget per-sequence state (a new sequence starts)."""
+        """Nothing to forget: per-sequence state lives with each sequence's KV cache (kept for compatibility)."""
+
+    def note_state(self, state: Any) -> None:
+        """Note the state of the latest forward in this thread (for inspection: `last_state`)."""
+        self._thread.state = state
+
+    @property
+    def last_state(self) -> Any:
+        """The state of the sequence of the latest forward in this thread (None before any)."""
+        return getattr(self._thread, "state", None)
+
+    @property
+    def _thread(self) -> threading.local:
+        local = self.__dict__.get("_thread_local")
+        return local if local is not None else self.__dict__.setdefault("_thread_local", threading.local())
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry the configuration, not what the latest forward of some thread left."""
+        state = dict(self.__dict__)
+        state.pop("_thread_local", None)
+        return state
 
     def selected_heads(self) -> dict[int, list[int]]:
         """layer -> the heads the method changes there (default: every head of each selected layer)."""
@@ -166,11 +200,12 @@ class ModuleMethod(Method):
 
 
 class PatchView(Protocol):
-    """What an integration needs of a Patch: its method, the layers it selects and the current forward's context."""
+    """What an integration needs of a Patch: its method, the layers it selects, and the key under which a KV cache
+    keeps the method's state of its sequence (copies of the patch, with the patched model, share it)."""
 
     method: Method
     selected_layers: frozenset[int]
-    context: ForwardContext | None
+    key: str
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -12,13 +12,13 @@ this differs from the authors' code and what was checked against it.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..kernels.var import var_attention
-from .base import AttentionCall, Method, register_method
+from .base import AttentionCall, ForwardContext, Method, register_method
 from .validators import check_bool, check_layer, check_number
 
 RMS_EPSILON = 1e-6
@@ -104,7 +104,6 @@ class VAR(Method):
         if not self._layers:
             raise ValueError(f"no layer to patch: a {num_layers}-layer model has none in 2..L-2; pass layers=[...]")
         self._dims = torch.tensor(config.sink_dims)
-        self.reset()
 
     def check_model(self, model_info: Any) -> None:
         if model_info.image_token_id is None:
@@ -123,17 +122,26 @@ class VAR(Method):
     def layers(self) -> set[int]:
         return set(self._layers)
 
-    def reset(self) -> None:
-        self._image: torch.Tensor | None = None  # [B, T] image tokens, absolute positions
-        self._rows: torch.Tensor | None = None  # [B, Lq] rows of the current forward that VAR may change
-        self.sinks: dict[int, torch.Tensor] = {}  # layer -> [B, T] sink tokens
-        self.last_selected: dict[int, torch.Tensor] = {}  # layer -> [B, H, Lq] redistributed (head, row) pairs
+    def new_state(self) -> VARSequence:
+        return VARSequence()
 
-    def start_forward(self, context: Any) -> None:
+    @property
+    def sinks(self) -> dict[int, torch.Tensor]:
+        """layer -> [B, T] sink tokens of the sequence of the latest forward in this thread."""
+        state = self.last_state
+        return dict(state.sinks) if state is not None else {}
+
+    @property
+    def last_selected(self) -> dict[int, torch.Tensor]:
+        """layer -> [B, H, Lq] (head, row) pairs the latest forward in this thread redistributed."""
+        state = self.last_state
+        return dict(state.selected) if state is not None else {}
+
+    def start_forward(self, context: ForwardContext) -> None:
+        state: VARSequence = context.state
         past = context.past_length
         images = context.image_mask
         if past == 0:
-            self.reset()
             if images is None:
                 raise ValueError(
                     "attnpatch var finds the image tokens in input_ids: call the model (or generate) with input_ids "
@@ -144,43 +152,52 @@ class VAR(Method):
                     "attnpatch var: this batch has no image tokens, so there is nothing to redistribute to; pass the "
                     "images (pixel_values) with their image tokens, or remove the patch for text-only prompts."
                 )
-        elif self._image is None or self._image.shape[1] != past:
-            raise RuntimeError(
-                f"attnpatch var: the KV cache holds {past} tokens but the patch saw "
-                f"{0 if self._image is None else self._image.shape[1]} of this sequence; run the prompt through the "
-                "patched model first (or call patch.reset() and start again without a cache)."
-            )
-        if images is None:  # later forwards (decoding) without input_ids: no new image token
-            images = torch.zeros(self._image.shape[0], 0, dtype=torch.bool, device=self._image.device)
-        self._image = images if past == 0 else torch.cat([self._image, images.to(self._image.device)], dim=1)
+            state.image = images
+        else:
+            if state.image is None or state.image.shape[1] < past:
+                raise RuntimeError(
+                    f"attnpatch var: the KV cache holds {past} tokens but the patch saw "
+                    f"{0 if state.image is None else state.image.shape[1]} of this sequence; run the prompt through "
+                    "the patched model first, starting without a cache."
+                )
+            state.crop(past)  # cache.crop (assisted decoding) cut the sequence back; a no-op otherwise
+            # image keys are the image tokens of the prompt: an image token id fed or generated later is text (the
+            # model gives it its token embedding, not image features)
+            new = context.new_tokens if context.new_tokens is not None else 0
+            state.image = torch.cat([state.image, state.image.new_zeros(state.image.shape[0], new)], dim=1)
         # text rows after the first image of their sequence (the text that refers to the image), real tokens only
-        length = self._image.shape[1]
-        first_image = torch.where(self._image.any(1), self._image.to(torch.uint8).argmax(1), length)
-        position = torch.arange(past, length, device=self._image.device)
-        rows = (position[None] > first_image[:, None]) & ~self._image[:, past:]
+        length = state.image.shape[1]
+        first_image = torch.where(state.image.any(1), state.image.to(torch.uint8).argmax(1), length)
+        position = torch.arange(past, length, device=state.image.device)
+        rows = (position[None] > first_image[:, None]) & ~state.image[:, past:]
         mask = context.attention_mask
-        if mask is not None and mask.shape == self._image.shape:
+        if mask is not None and mask.shape == state.image.shape:
             rows &= mask[:, past:].to(device=rows.device, dtype=torch.bool)
-        self._rows = rows
+        state.rows = rows
 
-    def observe_layer_input(self, layer: int, hidden: torch.Tensor, context: Any) -> None:
+    def observe_layer_input(self, layer: int, hidden: torch.Tensor, context: ForwardContext) -> None:
+        state: VARSequence = context.state
         batch, length = hidden.shape[:2]
         if context.past_length == 0:  # the prompt: sinks by massive activation, pad tokens never
             sinks = sink_scores(hidden, self._dims.to(hidden.device)) > self.config.tau
             mask = context.attention_mask
             if mask is not None and mask.shape == sinks.shape:
                 sinks &= mask.to(device=sinks.device, dtype=torch.bool)
-            self.sinks[layer] = sinks
+            state.sinks[layer] = sinks
             return
-        previous = self.sinks.get(layer)
+        previous = state.sinks.get(layer)
         if previous is None:
-            raise RuntimeError(f"attnpatch var: layer {layer} has no sinks from the prompt; call patch.reset()")
+            raise RuntimeError(
+                f"attnpatch var: layer {layer} has no sinks from this sequence's prompt; run the prompt through the "
+                "patched model first, starting without a cache."
+            )
         # generated (and later) tokens are never sinks
-        self.sinks[layer] = torch.cat([previous, previous.new_zeros(batch, length)], dim=1)
+        state.sinks[layer] = torch.cat([previous[:, : context.past_length], previous.new_zeros(batch, length)], dim=1)
 
     def attend(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        sinks = self.sinks.get(call.layer)
-        if sinks is None or self._image is None or self._rows is None:
+        state: VARSequence = call.state
+        sinks = state.sinks.get(call.layer)
+        if sinks is None or state.image is None or state.rows is None:
             raise RuntimeError(
                 f"attnpatch var: the attention of layer {call.layer} ran without the sink tokens of its input; VAR "
                 "works on the language model inside the full vision-language model's forward."
@@ -188,13 +205,13 @@ class VAR(Method):
         if call.dropout > 0:
             raise RuntimeError("attnpatch var is an inference-time method: call model.eval() (dropout is active).")
         total = call.past_length + call.query.shape[2]
-        if sinks.shape[1] != total or self._image.shape[1] != total:
+        if sinks.shape[1] != total or state.image.shape[1] != total:
             raise RuntimeError(
                 f"attnpatch var: layer {call.layer} sees {total} tokens but the patch tracked {sinks.shape[1]}; "
-                "call patch.reset() and start the sequence again."
+                "run the sequence through the patched model from its start."
             )
         keys = slice(call.key_offset, call.key_offset + call.key.shape[2])
-        rows = self._rows.to(call.query.device)
+        rows = state.rows.to(call.query.device)
         if call.query_valid is not None:
             rows = rows & call.query_valid
         hq, hkv = call.query.shape[1], call.key.shape[1]
@@ -205,7 +222,7 @@ class VAR(Method):
             call.value,
             scale=call.scale,
             sinks=sinks[:, keys].to(call.query.device),
-            image=self._image[:, keys].to(call.query.device),
+            image=state.image[:, keys].to(call.query.device),
             rows=rows,
             keep_fraction=cfg.keep_fraction,
             rho=cfg.rho,
@@ -220,6 +237,24 @@ class VAR(Method):
             return_probs=call.output_attentions,
             mask_memo=call.mask_memo,
         )
-        self.last_selected[call.layer] = result.selected
+        state.selected[call.layer] = result.selected
         weights = result.probs.to(call.query.dtype) if result.probs is not None else None
         return result.out.transpose(1, 2), weights
+
+
+@dataclass
+class VARSequence:
+    """VAR's state of one sequence (one batch of rows sharing a KV cache), kept with that cache: the image tokens
+    [B, T] and each layer's sink tokens [B, T] by absolute position, the rows of the current forward VAR may change,
+    and the latest forward's (head, row) selections."""
+
+    image: torch.Tensor | None = None
+    sinks: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: torch.Tensor | None = None
+    selected: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def crop(self, length: int) -> None:
+        """Cut the sequence back to its first `length` tokens (positions are independent, so this is exact)."""
+        if self.image is not None:
+            self.image = self.image[:, :length]
+        self.sinks = {layer: sinks[:, :length] for layer, sinks in self.sinks.items()}

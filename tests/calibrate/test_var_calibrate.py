@@ -180,7 +180,7 @@ def test_calibration_measures_the_ratio_the_method_thresholds():
     dims, tau = profile.options["sink_dims"], profile.options["tau"]
     num_layers = len(text_decoder_layers(model))
     method = VAR(VARConfig(sink_dims=dims, tau=tau), num_layers, [1] * num_layers)
-    prompt = SimpleNamespace(past_length=0, attention_mask=None)
+    prompt = SimpleNamespace(past_length=0, attention_mask=None, state=method.new_state())
     for ids in rows:
         hidden = var_capture.capture_layer_inputs(model, ids, None, lambda layer, x: x.clone())
         measured = layer_input_ratios(model, ids, dims=dims)
@@ -189,5 +189,5 @@ def test_calibration_measures_the_ratio_the_method_thresholds():
             phi = measured[layer].amax(-1)
             assert torch.equal(phi, massive_ratios(x, dims).amax(-1).cpu())
             method.observe_layer_input(layer, x[None], prompt)
-            assert torch.equal(method.sinks[layer][0].cpu(), phi > tau)
+            assert torch.equal(prompt.state.sinks[layer][0].cpu(), phi > tau)
             assert (phi > tau).nonzero().flatten().tolist() == [0]  # the planted BOS
