@@ -8,7 +8,7 @@ patch.remove()                                 # bit-identical to the unpatched 
 
 from . import methods  # noqa: F401  (registers the built-in methods)
 from ._version import __version__
-from .api import Patch, apply, available_methods, get_patch, patched, remove
+from .api import Patch, apply, available_methods, get_patch, patched, remove, unpatched
 from .calibrate import calibrate
 from .methods.base import UnsupportedModelError
 from .profiles import Profile, ProfileError
@@ -25,4 +25,5 @@ __all__ = [
     "get_patch",
     "patched",
     "remove",
+    "unpatched",
 ]

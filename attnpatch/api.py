@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import uuid
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 from torch import nn
 
@@ -16,6 +18,8 @@ from .integrations.transformers import TransformersIntegration
 from .methods.base import METHODS, Method, UnsupportedModelError, describe_selection
 
 _PATCH = "_attnpatch_patch"
+T = TypeVar("T")
+logger = logging.getLogger("attnpatch")
 
 
 class Integration(Protocol):
@@ -148,6 +152,34 @@ def remove(model: nn.Module) -> bool:
         return False
     patch.remove()
     return True
+
+
+@contextlib.contextmanager
+def unpatched(model: nn.Module) -> Iterator[Patch | None]:
+    """Within the block `model` runs with no patch: its active patch (yielded, or None) is removed and put back on
+    exit, with its configuration, its key and so the state its KV caches keep. Evaluation, calibration and analysis
+    run their configurations inside this, so a baseline called "unpatched" is unpatched."""
+    patch = get_patch(model)
+    if patch is None:
+        yield None
+        return
+    logger.info("attnpatch: %s is set aside for this run and restored after it", patch.describe())
+    patch.remove()
+    try:
+        yield patch
+    finally:
+        patch._attach()
+
+
+def runs_unpatched(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator for a workflow `fn(model, ...)` that applies patches of its own: it runs inside `unpatched(model)`."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> T:
+        with unpatched(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import patched
+from ..api import patched, runs_unpatched
 from ..kernels.blocks import DEFAULT_BLOCK_ELEMENTS, LogitBlocks, default_kv_heads, probs_, replica_groups, take_heads
 from ..kernels.masking import query_rows
 from ..methods.base import AttentionCall
@@ -137,6 +137,7 @@ def layout(call: AttentionCall, geometry: Geometry) -> TokenLayout:
     return TokenLayout(positions, real, special, None)
 
 
+@runs_unpatched
 def observe_forward(
     model: nn.Module, observe: Callable[[AttentionCall], Any], inputs: dict[str, Any], **call_kwargs: Any
 ) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import patched
+from ..api import patched, runs_unpatched
 from ..methods.validators import check_head, check_layer
 
 TASKS = ("classification", "next-token")
@@ -143,6 +143,7 @@ def _head_list(num_heads: list[int], heads: Mapping[int, Iterable[int]] | None) 
     return out
 
 
+@runs_unpatched
 def head_importance(
     model: nn.Module,
     data: Iterable[Mapping[str, Any]],

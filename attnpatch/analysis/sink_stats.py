@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import patched
+from ..api import patched, runs_unpatched
 from ..integrations.transformers import TransformersIntegration
 
 # Token classes, in the order the rule tries them (see `classify_tokens`).
@@ -261,6 +261,7 @@ def _layer_spec(model: nn.Module, layers: int | Iterable[int] | None) -> str | d
 
 
 @torch.inference_mode()
+@runs_unpatched
 def sinks(
     model: nn.Module,
     inputs: Any,

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..api import patched
+from ..api import patched, runs_unpatched
 from ..distributed import Processes
 from ..eval.scoring import BatchedRows
 from ..eval.tasks import Item, load_task
@@ -155,6 +155,7 @@ def calibration_items(tasks: Sequence[str], *, shots: int, limit: int | None, se
     return items
 
 
+@runs_unpatched
 def calibrate_act(
     model,
     tokenizer,

@@ -4,11 +4,10 @@ Profile; shared by the task runner (`runner`) and the OCW runner (`ocw.runner`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ..api import patched
+from ..api import patched, unpatched
 from ..profiles import Profile
 
 Config = Mapping[str, Any] | Profile | None
@@ -23,11 +22,17 @@ def describe(config: Config) -> Any:
     return dict(config)
 
 
-def patch_context(model, config: Config) -> AbstractContextManager:
-    """A context that applies `config`'s patch to `model` and removes it on exit (nothing for None)."""
-    if config is None:
-        return contextlib.nullcontext()
-    if isinstance(config, Profile):
-        return patched(model, config.method, profile=config)
-    options = dict(config)
-    return patched(model, options.pop("method"), **options)
+@contextlib.contextmanager
+def patch_context(model, config: Config) -> Iterator[None]:
+    """A context in which `model` runs `config` alone: a patch already on the model is set aside (and restored on
+    exit), then `config`'s patch is applied (nothing for None) and removed on exit."""
+    with unpatched(model):
+        if config is None:
+            yield
+        elif isinstance(config, Profile):
+            with patched(model, config.method, profile=config):
+                yield
+        else:
+            options = dict(config)
+            with patched(model, options.pop("method"), **options):
+                yield

@@ -320,13 +320,14 @@ class TransformersIntegration:
         if self.image_token_id is not None and isinstance(ids, torch.Tensor):
             images = image_positions(ids, self.image_token_id)
         keep = self._local.__dict__.pop("logits_to_keep", None)
+        verified = keep if keep is not None and keep > 1 and past == 0 and _in_assisted_decoding() else None
         context = ForwardContext(
             past_length=past,
             attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
             cache_kind=_cache_kind(cache),
             image_mask=images,
             new_tokens=new,
-            verified_rows=keep if keep is not None and keep > 1 else None,
+            verified_rows=verified,
             cache=cache,
             state=self._sequence_state(cache, past),
         )
@@ -379,6 +380,19 @@ class TransformersIntegration:
         for _, module in self.modules:
             module.__dict__.pop(_BINDING, None)
         self._patch = None
+
+
+def _in_assisted_decoding(depth: int = 40) -> bool:
+    """True inside transformers' assisted (speculative) decoding loop: its verification forwards ask for one logit row
+    per candidate (logits_to_keep > 1), which scoring code does too, so the caller checks the generation loop."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_assisted_decoding" and "transformers" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @functools.cache

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...api import runs_unpatched
 from ...integrations.structure import text_decoder_layers
 from ...profiles import Profile, fingerprint
 from .capture import _LayerStats, _massive_reducer, _Prompt, _prompts, capture_layer_inputs, layer_input_ratios
@@ -292,6 +293,7 @@ def _fill_dims(report: SinkDimReport, model, prompts, p1: _Pass1, options: dict[
         report.warnings += _tau_warnings(report.phi, report.tau)
 
 
+@runs_unpatched
 def calibrate_var(
     model: nn.Module, tokenizer: Any = None, texts: Sequence[Any] | None = None, *, tau: float = 20.0, **options: Any
 ) -> Profile:
