@@ -1,4 +1,7 @@
-"""The `attnpatch` command: info, demo, eval, calibrate, analyze."""
+"""The `attnpatch` command: info, demo, eval, calibrate, analyze.
+
+A user error (an unknown task, model, method, option or dtype, a limit below 1, a missing profile) is one line on
+stderr that says what to do, with exit status 2, found before any model is loaded."""
 
 from __future__ import annotations
 
@@ -8,20 +11,28 @@ import os
 import sys
 from typing import Any
 
+from .arguments import Parser, UsageError, dtype_name, positive_int
+
 DEFAULT_TASKS = "sst2,boolq,piqa,arc_easy,arc_challenge,openbookqa,copa,hellaswag"
+DEFAULT_MODEL = "gemma-3-270m"
+DEMO_TASKS = ("sst2", "arc_easy", "arc_challenge", "piqa", "boolq")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnpatch", description="Training-free attention patching toolkit.")
+    parser = Parser(prog="attnpatch", description="Training-free attention patching toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which compute paths are usable")
-    demo = sub.add_parser("demo", help="hidden sinks in Gemma-3 270M, ACT, and an A/B on a real task")
-    demo.add_argument("--task", default="sst2", help="sst2, arc_easy, arc_challenge, piqa or boolq (default: sst2)")
-    demo.add_argument("--limit", type=int, default=200, help="number of evaluated items (default: 200)")
+    demo = sub.add_parser(
+        "demo",
+        help="hidden sinks in Gemma-3 270M, ACT, and an A/B on a real task",
+        description=f"Hidden sinks, ACT and an A/B on a real task, on the zoo's {DEFAULT_MODEL} (Gemma-3 270M).",
+    )
+    demo.add_argument("--task", default="sst2", help=f"{', '.join(DEMO_TASKS)} (default: sst2)")
+    demo.add_argument("--limit", type=positive_int, default=200, help="number of evaluated items (default: 200)")
     demo.add_argument(
         "--shots", type=int, default=None, help="in-context examples per item (default: 4 for sst2, else 0)"
     )
-    demo.add_argument("--batch-size", type=int, default=16, help="scored options per forward (default: 16)")
+    demo.add_argument("--batch-size", type=positive_int, default=16, help="scored options per forward (default: 16)")
     demo.add_argument("--beta", type=float, default=0.4)
     demo.add_argument("--threshold", type=float, default=0.1)
     demo.add_argument("--out", default="attnpatch-out", help="output directory (default: ./attnpatch-out)")
@@ -58,12 +69,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gemma-3-270m", help="offline zoo model (attnpatch info lists them)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"offline zoo model (default: {DEFAULT_MODEL}; `attnpatch info` lists them) or a local model directory",
+    )
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated task names (default: {DEFAULT_TASKS})")
     p.add_argument("--shots", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--limit", type=positive_int, default=None, help="items per task (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--dtype", type=dtype_name, default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device-map", default=None, help='e.g. "auto" to spread the model over the visible devices')
     p.add_argument("--cache-dir", default=None)
 
@@ -88,7 +103,7 @@ def _load(args: argparse.Namespace):
 
     from .models import load
 
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype)  # a canonical name (dtype_name)
     model, tok = load(args.model, dtype=dtype, cache_dir=args.cache_dir, device_map=args.device_map)
     if args.device_map is None and torch.cuda.is_available():
         model = model.cuda()
@@ -100,7 +115,7 @@ def _options(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--option needs KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--option needs KEY=VALUE, got {pair!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -217,8 +232,91 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_tasks(names: list[str]) -> None:
+    from .eval.tasks import available_tasks
+
+    known = set(available_tasks(subjects=True))
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise UsageError(
+            f"unknown task(s) {unknown or names}; tasks: {', '.join(available_tasks())} and mmlu_<subject>"
+        )
+
+
+def _check_model(name: str) -> None:
+    from .models import available_models
+
+    if not os.path.isdir(name) and name not in available_models():
+        raise UsageError(
+            f"unknown model {name!r}; zoo models: {', '.join(available_models())}, or a local model directory"
+        )
+
+
+def _check_method(args: argparse.Namespace) -> None:
+    from .api import available_methods
+    from .methods import METHODS
+
+    if args.method not in available_methods():
+        raise UsageError(f"unknown method {args.method!r}; methods: {', '.join(available_methods())}")
+    options = _options(args.option)
+    if options and not args.no_default:
+        names = set(METHODS[args.method].config_class.__dataclass_fields__)
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise UsageError(f"--option {unknown} is not an option of {args.method}; options: {sorted(names)}")
+        try:
+            METHODS[args.method].config_class(**options)
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--option: {error}") from None
+
+
+def _check_profiles(paths: list[str]) -> None:
+    for path in paths:
+        if not os.path.isfile(os.path.join(path, "attnpatch_config.json")):
+            raise UsageError(
+                f"--profile {path!r} is not a profile directory (no attnpatch_config.json); write one with "
+                "`attnpatch calibrate --out DIR`"
+            )
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad arguments before any model or data is loaded."""
+    if args.command == "demo" and args.task not in DEMO_TASKS:
+        raise UsageError(f"unknown demo task {args.task!r}; the demo runs {', '.join(DEMO_TASKS)}")
+    if args.command in ("eval", "calibrate"):
+        _check_model(args.model)
+    if args.command == "eval":
+        if args.task not in (None, "ocw"):
+            raise UsageError(f"--task {args.task!r}: only 'ocw' is supported (multiple-choice tasks go in --tasks)")
+        if args.task is None:
+            _check_tasks([t for t in args.tasks.split(",") if t])
+        elif args.data and not os.path.exists(args.data):
+            raise UsageError(f"--data {args.data!r} does not exist; give an OCW folder or a JSON file of walls")
+        _check_method(args)
+        _check_profiles(args.profile)
+    if args.command == "calibrate" and args.method == "act":
+        _check_tasks([t for t in args.tasks.split(",") if t])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from .methods.base import UnsupportedModelError
+    from .profiles import ProfileError
+
+    try:
+        args = _parser().parse_args(argv)
+        check_arguments(args)
+        return _run(args)
+    except (UsageError, ProfileError, UnsupportedModelError) as error:
+        print(f"attnpatch: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:  # a zoo model or data package that is not installed: the message says what to run
+        if "install" not in str(error):
+            raise
+        print(f"attnpatch: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.command == "info":
         from .info import report
@@ -226,8 +324,6 @@ def main(argv: list[str] | None = None) -> int:
         print(report())
         return 0
     if args.command == "eval":
-        if args.task not in (None, "ocw"):
-            raise SystemExit(f"--task {args.task!r}: only 'ocw' is supported (multiple-choice tasks go in --tasks)")
         return _run_ocw(args) if args.task == "ocw" else _run_eval(args)
     if args.command == "calibrate":
         return _run_calibrate(args)

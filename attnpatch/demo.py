@@ -137,10 +137,11 @@ def run_demo(
     def evaluate(options: dict | None) -> tuple[list[int], float]:
         t0 = time.perf_counter()
         if options is None:
-            preds = score_items(model, tokenizer, items, batch_size=batch_size)
+            preds = score_items(model, tokenizer, items, batch_size=batch_size, desc=f"unpatched · {task}")
         else:
             with patched(model, "act", **options):
-                preds = score_items(model, tokenizer, items, batch_size=batch_size)
+                label = f"act {', '.join(f'{k}={v}' for k, v in options.items())} · {task}"
+                preds = score_items(model, tokenizer, items, batch_size=batch_size, desc=label)
         return [int(p == y) for p, y in zip(preds, labels, strict=True)], time.perf_counter() - t0
 
     base_ok, base_s = evaluate(None)

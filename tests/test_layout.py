@@ -119,7 +119,13 @@ LAYERS = (
     ("kernels", "_version"),  # compute: tensors in, tensors out
     ("methods", "nn"),  # the method contract (methods.base), one file per method, validators
     ("integrations",),  # how attention is reached: the transformers registry, instance forwards, model structure
-    ("api", "profiles", "distributed", "models"),  # apply/patched/Patch, saved profiles, processes, the model zoo
+    (
+        "api",
+        "profiles",
+        "distributed",
+        "models",
+        "arguments",
+    ),  # apply/patched/Patch, profiles, processes, zoo, CLI types
     ("calibrate", "analysis", "eval", "adapters"),  # workflows on patched models
     ("info", "demo", "cli", "__main__", ""),  # entry points and the package's own namespace
 )

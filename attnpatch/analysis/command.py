@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from ..arguments import dtype_name, positive_int
+
 VISION_DATA = "fashion-mnist"
 
 
@@ -25,14 +27,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="vision: 'fashion-mnist' (default; test split); text: a UTF-8 file of paragraphs separated by blank "
         "lines (default: BoolQ passages from the offline eval data)",
     )
-    p.add_argument("--limit", type=int, default=None, help="images (default 1000) or text windows (default 8)")
+    p.add_argument("--limit", type=positive_int, default=None, help="images (default 1000) or text windows (default 8)")
     p.add_argument("--seq-len", type=int, default=96, help="tokens per text window (default 96)")
     p.add_argument("--score-last", type=int, default=32, help="text: next-token predictions scored per window")
     p.add_argument("--queries", type=int, default=None, help="sampled queries per sequence and layer (8 / 16)")
     p.add_argument("--clusters", type=int, default=8, help="pattern clusters (default 8)")
     p.add_argument("--ae-steps", type=int, default=1500, help="pattern autoencoder training steps (default 1500)")
     p.add_argument("--no-taylor", action="store_true", help="skip the Taylor (gradient) importance score")
-    p.add_argument("--dtype", default="float32", help="text models: float32 (default), bfloat16 or float16")
+    p.add_argument(
+        "--dtype", type=dtype_name, default="float32", help="text models: float32 (default), bfloat16 or float16"
+    )
     p.add_argument("--device-map", default=None)
     p.add_argument("--cache-dir", default=None, help="model cache (default: $ATTNPATCH_CACHE or ~/.cache/attnpatch)")
     p.add_argument("--no-screenshot", action="store_true", help="do not render report.html in headless Chromium")

@@ -131,6 +131,7 @@ def evaluate(
                     batch_size=batch_size,
                     normalize=normalize,
                     progress=progress and processes.main,
+                    desc=f"{name} · {task}",
                 )
             local = [(i, p == items[i].label) for i, p in zip(mine, preds, strict=True)]
             correct[name] = [c for _, c in sorted(processes.gather(local))]

@@ -157,11 +157,16 @@ class BatchedRows:
         """Log-probs of the targets of one batch (row then target order)."""
         return _batch_logprobs(self.model, batch, self.pad_id, self.accepted)
 
-    def logprobs(self, context: Callable[[int], contextlib.AbstractContextManager] | None = None, progress=False):
+    def logprobs(
+        self,
+        context: Callable[[int], contextlib.AbstractContextManager] | None = None,
+        progress: bool = False,
+        desc: str = "scoring",
+    ):
         """Summed log-prob of every option of every item; batch b runs inside `context(b)` when given."""
         logprobs = [[0.0] * len(item.options) for item in self.items]
         total = sum(len(batch) for batch in self.batches)
-        with torch.inference_mode(), tqdm(total=total, desc="scoring", unit="seq", disable=not progress) as bar:
+        with torch.inference_mode(), tqdm(total=total, desc=desc, unit="seq", disable=not progress) as bar:
             for b, batch in enumerate(self.batches):
                 with context(b) if context else contextlib.nullcontext():
                     values = iter(self.forward(batch))
@@ -172,10 +177,10 @@ class BatchedRows:
         return logprobs
 
 
-def _score(model, tokenizer, items: Sequence[Item], batch_size: int, progress: bool):
+def _score(model, tokenizer, items: Sequence[Item], batch_size: int, progress: bool, desc: str = "scoring"):
     """(summed log-prob, token count) of every option of every item."""
     rows = BatchedRows(model, tokenizer, items, batch_size)
-    return rows.logprobs(progress=progress), rows.n_tokens
+    return rows.logprobs(progress=progress, desc=desc), rows.n_tokens
 
 
 def option_logprobs(model, tokenizer, items: Sequence[Item], *, batch_size: int = 16, progress: bool = True):
@@ -207,9 +212,10 @@ def score_items(
     batch_size: int = 16,
     normalize: Normalize = "chars",
     progress: bool = True,
+    desc: str = "scoring",
 ) -> list[int]:
-    """Predicted option index of every item (see `choose` for `normalize`)."""
+    """Predicted option index of every item (see `choose` for `normalize`); `desc` labels the progress bar."""
     if normalize not in ("chars", "tokens", "none"):
         raise ValueError(f"normalize must be 'chars', 'tokens' or 'none', not {normalize!r}")
-    logprobs, n_tokens = _score(model, tokenizer, items, batch_size, progress)
+    logprobs, n_tokens = _score(model, tokenizer, items, batch_size, progress, desc)
     return [choose(lp, it.options, n, normalize) for lp, n, it in zip(logprobs, n_tokens, items, strict=True)]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from attnpatch.cli import _candidates, _options, _parser
+from attnpatch.cli import UsageError, _candidates, _options, _parser
 from attnpatch.eval.runner import evaluate
 
 from calibration_fixtures import planted_helpful_model, planted_items, word_tokenizer
@@ -32,7 +32,7 @@ def test_report_pairs_every_config_with_the_first(tmp_path):
 
 def test_cli_helpers():
     assert _options(["beta=0.5", 'heads={"2": [1]}', "name=x"]) == {"beta": 0.5, "heads": {"2": [1]}, "name": "x"}
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="KEY=VALUE"):
         _options(["beta"])
     assert _candidates("3-5") == {3: "all", 4: "all", 5: "all"} and _candidates("all") == "all"
     args = _parser().parse_args(["calibrate", "--tasks", "sst2,copa", "--screen-layers", "2", "--limit", "4"])

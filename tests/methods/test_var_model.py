@@ -125,7 +125,8 @@ def test_two_images_per_sequence(llava):
         logits(llava, inputs)
         sinks = patch.method.sinks[2]
         assert sinks[0].nonzero().flatten().tolist() == [0, 2 + 5, 2 + IMAGE_TOKENS + 5]  # one visual sink per image
-        assert patch.method.last_state.rows[0].nonzero().flatten().tolist() == [2 + 2 * IMAGE_TOKENS, 3 + 2 * IMAGE_TOKENS]
+        rows = patch.method.last_state.rows[0].nonzero().flatten().tolist()
+        assert rows == [2 + 2 * IMAGE_TOKENS, 3 + 2 * IMAGE_TOKENS]
 
 
 @pytest.mark.skipif(backend.triton_version() is None, reason="triton is not installed")
