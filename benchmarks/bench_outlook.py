@@ -5,7 +5,7 @@ forward+backward, at the stage-1 shapes of VOLO-D1..D5.
                                        [--repeats 30] [--out-dir benchmarks/results] [--smoke]
 
 Shapes: a 28x28 stage-1 grid (224 px input), K=3, padding 1, stride 2 (14x14 windows); channels/heads per model from
-research/algorithms.md section 3 (D1 192/6, D2 and D3 256/8, D4 and D5 384/12). Two levels, both timed the same way:
+the VOLO paper's Table 1 (D1 192/6, D2 and D3 256/8, D4 and D5 384/12). Two levels, both timed the same way:
 - `op`: from the two linear outputs (v [B, 28, 28, C], logits [B, 14, 14, heads*81]) to the folded result in
   channels-last layout, i.e. exactly the part the fused op replaces. timm's lines are `reference.outlook(...,
   dtype=input dtype)` (timm's forward verbatim; its channels-last result is a permuted view, no copy).

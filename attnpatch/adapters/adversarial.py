@@ -1,7 +1,7 @@
 """Attention adversarial training, AT and iAT (Kitada & Iyatomi, IEEE Access 2021), on a transformer's patched
 self-attention: the adversarial perturbation is added to the pre-softmax scores of the chosen layers.
 
-One training step (`AttentionAT.loss`), research/algorithms.md §5.2-5.3:
+One training step (`AttentionAT.loss`; the README's "Training adapters" section):
 1. clean forward -> L_clean (iAT also records each layer's clean logits);
 2. forward with a zero perturbation that requires grad -> L1; g = dL1/dS by `torch.autograd.grad` on the
    perturbation only, so no parameter gradient from this pass reaches the update (the released code's leak);

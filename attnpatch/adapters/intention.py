@@ -1,7 +1,7 @@
 """Intention conditioning (after AAD-LLM, Jiang et al., ACL 2025): a learned "intention token" tells a causal LM which
 of several sources (speakers, documents, ...) the answer must be about.
 
-research/algorithms.md §8. The paper's conditioning is an input token, not an attention change: K learned embeddings,
+The README's "Training adapters" section has the results. The paper's conditioning is an input token, not an attention change: K learned embeddings,
 one per intention; the index comes from any decoder (in AAD-LLM, a classifier of the listener's brain signals) and
 its embedding is inserted into the input sequence; the model (LoRA) and the embeddings train with the ordinary LM
 loss on answers about the attended source.

@@ -1,5 +1,5 @@
-"""Progressive self-supervised attention learning, PSS (Tang et al., ACL 2019; Su et al., AI 2021),
-research/algorithms.md §4.
+"""Progressive self-supervised attention learning, PSS (Tang et al., ACL 2019; Su et al., AI 2021); the README's
+"Training adapters" section has the results.
 
 Mining rounds k = 1..K: train a fresh model on the data with the words mined so far erased, record each training
 example's attention over its words signed by correctness (+alpha right, -alpha wrong), and when the entropy of |alpha|

@@ -1,6 +1,6 @@
 """Attention distance profiles: per (layer, head), how much attention goes to keys at each spatial distance (image
 patches) or token distance (text), and the attention-weighted mean distance ("attention distance", Dosovitskiy et al.
-2021) with its trend across layers (Li et al., TVCG 2023, design in research/algorithms.md section 6).
+2021) with its trend across layers (Li et al., TVCG 2023; the README's "Attention analysis and the visual report").
 
 Streaming: every attention call's probabilities are recomputed from its q and k one block of query rows at a time,
 reduced into per-bin sums and dropped, so memory stays O(block + bins) whatever the sequence length.
