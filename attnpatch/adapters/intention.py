@@ -1,10 +1,10 @@
 """Intention conditioning (after AAD-LLM, Jiang et al., ACL 2025): a learned "intention token" tells a causal LM which
 of several sources (speakers, documents, ...) the answer must be about.
 
-The README's "Training adapters" section has the results. The paper's conditioning is an input token, not an attention change: K learned embeddings,
-one per intention; the index comes from any decoder (in AAD-LLM, a classifier of the listener's brain signals) and
-its embedding is inserted into the input sequence; the model (LoRA) and the embeddings train with the ordinary LM
-loss on answers about the attended source.
+The README's "Training adapters" section has the results. The paper's conditioning is an input token, not an
+attention change: K learned embeddings, one per intention; the index comes from any decoder (in AAD-LLM, a
+classifier of the listener's brain signals) and its embedding is inserted into the input sequence; the model (LoRA)
+and the embeddings train with the ordinary LM loss on answers about the attended source.
 
 `bias_layers` adds an experimental, non-paper variant: in those layers every head h gets a learned logit bias
 `w[h] * segments[b, j]` toward the keys j of the selected source (`AdapterAttention.set_key_bias`); w starts at 0,
