@@ -88,14 +88,12 @@ class ACT(Method):
     @property
     def last_sinks(self) -> dict[int, torch.Tensor]:
         """layer -> [B, H_selected, Lk] bool: the sinks of the latest forward in this thread."""
-        state = self.last_state
-        return dict(state.sinks) if state is not None else {}
+        return self.latest("sinks")
 
     def column_stats(self) -> dict[int, ColumnStats]:
         """layer -> running column statistic of its selected heads (the heads of `self.heads[layer]`, in order) after
         the latest forward in this thread."""
-        state = self.last_state
-        return dict(state.history) if state is not None else {}
+        return self.latest("history")
 
     def start_forward(self, context: ForwardContext) -> None:
         state: ACTSequence = context.state

@@ -133,6 +133,11 @@ class Method:
         """The state of the sequence of the latest forward in this thread (None before any)."""
         return getattr(self._thread, "state", None)
 
+    def latest(self, name: str) -> dict:
+        """A copy of the dict field `name` of `last_state` ({} before any forward in this thread)."""
+        state = self.last_state
+        return dict(getattr(state, name)) if state is not None else {}
+
     @property
     def _thread(self) -> threading.local:
         local = self.__dict__.get("_thread_local")

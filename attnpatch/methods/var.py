@@ -128,14 +128,12 @@ class VAR(Method):
     @property
     def sinks(self) -> dict[int, torch.Tensor]:
         """layer -> [B, T] sink tokens of the sequence of the latest forward in this thread."""
-        state = self.last_state
-        return dict(state.sinks) if state is not None else {}
+        return self.latest("sinks")
 
     @property
     def last_selected(self) -> dict[int, torch.Tensor]:
         """layer -> [B, H, Lq] (head, row) pairs the latest forward in this thread redistributed."""
-        state = self.last_state
-        return dict(state.selected) if state is not None else {}
+        return self.latest("selected")
 
     def start_forward(self, context: ForwardContext) -> None:
         state: VARSequence = context.state

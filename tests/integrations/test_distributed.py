@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 
 import pytest
 
 from dp_worker import run
+from launchers import accelerate_launcher
 
 HELPERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    if launcher is None:
-        pytest.skip("accelerate's launcher is not installed")
+    launcher = accelerate_launcher()
     out = tmp_path / "dp.json"
     env = {**os.environ, "PYTHONPATH": HELPERS + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     # `--multi_gpu` is accelerate's torchrun launcher; with no GPU the processes join a gloo (CPU) group.

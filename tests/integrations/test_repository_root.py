@@ -6,12 +6,13 @@ directory, so the checkout's folders are first on its path, as they are for a us
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from launchers import accelerate_launcher
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPERS = ROOT / "tests" / "helpers"
@@ -54,9 +55,7 @@ def test_python_m_attnpatch_info():
 
 @pytest.mark.slow
 def test_accelerate_launch_of_a_patched_script(tmp_path):
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    if launcher is None:
-        pytest.skip("accelerate's launcher is not installed")
+    launcher = accelerate_launcher()
     script = tmp_path / "patched.py"
     script.write_text(
         "import sys\n"
