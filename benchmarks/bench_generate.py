@@ -35,15 +35,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "helpers")]
 
-from bench_attention import (  # noqa: E402
-    _cleanup,
-    _error,
-    _is_oom,
+from common import (  # noqa: E402
     add_run_options,
+    cleanup,
     describe_path,
     eager_act,
+    error_text,
+    record_failure,
+    report_stem,
+    run_config,
     run_setup,
-    slug,
     timing_note,
     write_report,
 )
@@ -62,7 +63,7 @@ VARIANTS = ("unpatched", "act", "act_torch_path", "act_eager")
 
 @register_method
 class EagerACT(ACT):
-    """ACT with the authors' eager computation (`bench_attention.eager_act`) on the same heads and running statistic:
+    """ACT with the authors' eager computation (`common.eager_act`) on the same heads and running statistic:
     a benchmark-only method, for batch-1 prompts without padding."""
 
     name = "act_eager_benchmark"
@@ -190,20 +191,19 @@ def measure(model, ids: torch.Tensor, variant: str, *, new_tokens: int, cuda: bo
         row.update(prefill_ms=prefill, generate_ms=total, decode_ms_per_token=(total - prefill) / new_tokens)
         row.update(prefill_times_ms=first, generate_times_ms=full)
         if cuda:
-            _cleanup(cuda)
+            cleanup(cuda)
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             full_fn()
             torch.cuda.synchronize()
             row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     except Exception as e:  # one variant's failure (out of memory, say) must not end the run
-        row["status"] = "oom" if _is_oom(e) else "error"
-        row["error"] = _error(e)
+        record_failure(row, e)
     finally:
         if patch is not None:
             patch.remove()
         os.environ.pop(ENV_VAR, None)
-        _cleanup(cuda)
+        cleanup(cuda)
     shown = (
         f"prefill {row['prefill_ms']:9.2f} ms, decode {row['decode_ms_per_token']:7.3f} ms/token"
         if row["status"] == "ok"
@@ -248,20 +248,17 @@ def main() -> None:
     try:
         checks = check_variants(model, prompt(lengths[0], device))
     except Exception as e:
-        checks = {"error": _error(e)}
+        checks = {"error": error_text(e)}
     print("sanity:", checks, flush=True)
 
-    config = dict(
-        model=dict(shape, parameters=params, dtype=str(dtype).removeprefix("torch."), sinks="planted: first, middle"),
-        act="attnpatch defaults (beta 0.4, threshold 0.1, every head of layers 2..L-2)",
-        new_tokens=new_tokens,
-        repeats=repeats,
-        warmup=warmup,
+    config = run_config(
+        cuda, repeats, warmup, args.smoke,
         timing=timing_note(cuda).replace("L2 flushed before each run", "whole generate() calls"),
+        model=dict(shape, parameters=params, dtype=str(dtype).removeprefix("torch."), sinks="planted: first, middle"),
+        act="attnpatch defaults (beta 0.4, threshold 0.1, every head of layers 2..L-2)", new_tokens=new_tokens,
         decoding="greedy, batch 1, DynamicCache",
-        smoke=args.smoke,
-    )
-    stem = f"generate_{slug(name)}" + ("_smoke" if args.smoke else "")
+    )  # fmt: skip
+    stem = report_stem("generate", name, args.smoke)
     rows = []
     for n in lengths:
         ids = prompt(n, device)

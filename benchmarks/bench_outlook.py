@@ -29,8 +29,20 @@ import json
 import statistics
 from dataclasses import asdict, dataclass
 
-import bench_attention as ba
 import torch
+from common import (
+    Timer,
+    add_run_options,
+    cleanup,
+    describe_path,
+    peak_extra_mb,
+    record_failure,
+    report_stem,
+    run_check,
+    run_config,
+    run_setup,
+    write_report,
+)
 
 MODELS = {"d1": (192, 6), "d2": (256, 8), "d3": (256, 8), "d4": (384, 12), "d5": (384, 12)}
 K, PAD, STRIDE = 3, 1, 2
@@ -119,7 +131,7 @@ def module_runner(module, x, backward: bool):
     return run_bwd
 
 
-def measure(shape: Shape, device: torch.device, timer: ba.Timer, copy_gbs: float | None) -> list[dict]:
+def measure(shape: Shape, device: torch.device, timer: Timer, copy_gbs: float | None) -> list[dict]:
     from timm.models.volo import OutlookAttention
 
     import attnpatch
@@ -147,7 +159,7 @@ def measure(shape: Shape, device: torch.device, timer: ba.Timer, copy_gbs: float
                 fn = make()
                 times = timer.times_ms(fn)
                 if cuda:
-                    row["peak_extra_mb"] = ba.peak_extra_mb(fn)
+                    row["peak_extra_mb"] = peak_extra_mb(fn)
                 med = statistics.median(times)
                 row.update(median_ms=med, min_ms=min(times), repeats=len(times))
                 if level == "op":
@@ -156,12 +168,11 @@ def measure(shape: Shape, device: torch.device, timer: ba.Timer, copy_gbs: float
                     if copy_gbs:
                         row["fraction_of_copy_bw"] = gbs / copy_gbs
             except Exception as e:  # one provider's failure must not end the run
-                row["status"] = "oom" if ba._is_oom(e) else "error"
-                row["error"] = ba._error(e)
+                record_failure(row, e)
             finally:
                 if patch is not None:
                     patch.remove()
-                ba._cleanup(cuda)
+                cleanup(cuda)
             rows.append(row)
             print(_line(row), flush=True)
         for level in ("op", "module"):
@@ -180,7 +191,7 @@ def _line(row: dict) -> str:
     return f"{head}: {row['median_ms']:9.3f} ms{bw}{mem}"
 
 
-def copy_bandwidth(timer: ba.Timer, device: torch.device, size_bytes: int) -> float:
+def copy_bandwidth(timer: Timer, device: torch.device, size_bytes: int) -> float:
     """GB/s of a device-to-device copy of `size_bytes` (read + write counted)."""
     src = torch.empty(size_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -204,16 +215,17 @@ def sanity(shape: Shape, device: torch.device) -> dict:
         da, db = torch.autograd.grad(out, (a, b), grad.to(out.dtype))
         return out.double(), da.double(), db.double()
 
-    try:
+    def check() -> dict:
         ref = run(lambda a, b, s: reference.outlook(a, b, K, PAD, STRIDE, s), logits.double(), v.double())
+        errors = {}
         for name, fn in (("attnpatch", ours_op), ("timm", timm_op)):
             got = run(fn, logits, v)
-            report[name] = {
+            errors[name] = {
                 k: (x - r).abs().max().item() for k, x, r in zip(("out", "d_logits", "d_v"), got, ref, strict=True)
             }
-    except Exception as e:
-        report["error"] = "oom" if ba._is_oom(e) else ba._error(e)
-    ba._cleanup(device.type == "cuda")
+        return errors
+
+    run_check(report, check, cuda=device.type == "cuda")
     return report
 
 
@@ -222,9 +234,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
-    ba.add_run_options(parser, smoke_repeats=2)
+    add_run_options(parser, smoke_repeats=2)
     args = parser.parse_args()
-    cuda, device, repeats, warmup = ba.run_setup(parser, args, smoke_repeats=2)
+    cuda, device, repeats, warmup = run_setup(parser, args, smoke_repeats=2)
     if args.smoke:
         shapes = [Shape("d1-tiny", b=2, hw=9, c=32, heads=2, dtype="float32")]
     else:
@@ -235,30 +247,23 @@ def main() -> None:
             for b in args.batches
         ]
 
-    name, compute_path = ba.describe_path(device)
-    timer = ba.Timer(cuda, warmup, repeats)
+    name, compute_path = describe_path(device)
+    timer = Timer(cuda, warmup, repeats)
     copy_gbs = copy_bandwidth(timer, device, (1 << 30) if cuda else (64 << 20))
     print(f"copy bandwidth: {copy_gbs:.1f} GB/s", flush=True)
     check = sanity(shapes[0] if args.smoke else Shape("d1", 8, 28, 192, 6, shapes[0].dtype), device)
     print("sanity:", json.dumps(check), flush=True)
 
-    stem = f"outlook_{ba.slug(name)}" + ("_smoke" if args.smoke else "")
-    config = dict(
-        kernel_size=K,
-        padding=PAD,
-        stride=STRIDE,
-        repeats=repeats,
-        warmup=warmup,
-        copy_gb_s=copy_gbs,
-        timing=ba.timing_note(cuda),
+    stem = report_stem("outlook", name, args.smoke)
+    config = run_config(
+        cuda, repeats, warmup, args.smoke, kernel_size=K, padding=PAD, stride=STRIDE, copy_gb_s=copy_gbs,
         levels="op: linear outputs -> folded channels-last result; module: whole timm OutlookAttention",
-        smoke=args.smoke,
     )  # fmt: skip
     results = []
     for shape in shapes:
         results += measure(shape, device, timer, copy_gbs)
-        ba.write_report(args.out_dir, stem, name, compute_path, config, check, results, quiet=True)
-    ba.write_report(args.out_dir, stem, name, compute_path, config, check, results)
+        write_report(args.out_dir, stem, name, compute_path, config, check, results, quiet=True)
+    write_report(args.out_dir, stem, name, compute_path, config, check, results)
 
 
 if __name__ == "__main__":

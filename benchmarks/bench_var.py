@@ -5,7 +5,7 @@ like the authors' code (materialised probabilities).
 
 Shapes: B=1, 32 query heads sharing 8 kv heads, head dim 128, bf16; causal prefill (Lq = Lk = L) and decode (one query
 against Lk keys), a LLaVA-1.5 layout: 576 image tokens starting at position 35, text sink at key 0, visual sinks at
-three image positions (the inputs of bench_attention.py give key 0 and two hidden sinks large logits). Timing, memory
+three image positions (the attention inputs of common.py give key 0 and two hidden sinks large logits). Timing, memory
 and output format as bench_attention.py (CUDA events, L2 flushed, median; `peak_extra_mb` above the inputs). The
 target of the VAR issue: VAR <= 1.15x SDPA time with O(L) extra memory. `--smoke` runs tiny fp32 shapes on CPU too
 (image span scaled down): a check of this script, not a measurement.
@@ -16,14 +16,30 @@ from __future__ import annotations
 import argparse
 import json
 
-import bench_attention as ba
 import torch
+from common import (
+    Provider,
+    Shape,
+    Timer,
+    add_run_options,
+    attention_shapes,
+    describe_path,
+    make_inputs,
+    measure_shape,
+    plain_providers,
+    report_stem,
+    run_check,
+    run_config,
+    run_setup,
+    write_plot,
+    write_report,
+)
 
 VAR = dict(keep_fraction=0.6, rho=0.5, summ=0.2)
 IMAGE_START, IMAGE_TOKENS = 35, 576
 
 
-def layout(shape: ba.Shape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layout(shape: Shape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sinks, image [B, Lk] and rows [B, Lq] (text after the image) for a LLaVA-style prompt of Lk tokens."""
     lk = shape.lk
     start, count = (IMAGE_START, IMAGE_TOKENS) if lk > IMAGE_START + IMAGE_TOKENS + 1 else (lk // 8, lk // 2)
@@ -63,70 +79,70 @@ def eager_var(q, k, v, *, scale, sinks, image, rows, causal, keep_fraction, rho,
     return probs @ v, chosen
 
 
-def build_providers(shape: ba.Shape, q, k, v, *, cuda: bool):
+def build_providers(shape: Shape, q, k, v, *, cuda: bool):
     """(name, factory) pairs: SDPA (and FlexAttention on CUDA) for the plain attention, our VAR, the eager VAR."""
     from attnpatch.kernels.var import var_attention
 
     scale = shape.d**-0.5
     sinks, image, rows = layout(shape, q.device)
-    plain = [p for p in ba.build_providers(shape, q, k, v, cuda=cuda) if p[0] in ("sdpa", "sdpa_flash", "flex")]
+    plain = plain_providers(shape, q, k, v, cuda=cuda)
 
-    def ours() -> ba.Provider:
+    def ours() -> Provider:
         def run():
             return var_attention(
                 q, k, v, scale=scale, sinks=sinks, image=image, rows=rows, causal=shape.causal, **VAR
             ).out
 
-        return ba.Provider("attnpatch_var", run, note="fused key-class pass")
+        return Provider("attnpatch_var", run, note="fused key-class pass")
 
-    def eager() -> ba.Provider:
+    def eager() -> Provider:
         def run():
             return eager_var(q, k, v, scale=scale, sinks=sinks, image=image, rows=rows, causal=shape.causal, **VAR)[0]
 
-        return ba.Provider("eager_var", run, note="materialised probabilities in the input dtype")
+        return Provider("eager_var", run, note="materialised probabilities in the input dtype")
 
-    def unsplit() -> ba.Provider:
+    def unsplit() -> Provider:
         p = ours()
         note = "one program per query head, no key split"
-        return ba.Provider("attnpatch_var_unsplit", p.fn, previous_var_decode, note)
+        return Provider("attnpatch_var_unsplit", p.fn, previous_var_decode, note)
 
     decode = [("attnpatch_var_unsplit", unsplit)] if shape.mode == "decode" else []
     return [*plain, ("attnpatch_var", ours), ("eager_var", eager), *decode]
 
 
 def previous_var_decode():
-    """VAR decode as it ran before the key split and the query-head folding (switches off), measured beside it."""
-    from attnpatch.kernels._triton import flash
-    from attnpatch.kernels._triton import var as var_kernel
+    """VAR decode as it ran before the key split and the query-head folding (`KernelOptions.split_keys` and
+    `fold_decode_groups` off), measured beside it."""
+    from attnpatch.kernels import kernel_options
 
-    return ba.switched_off((flash, "FOLD_DECODE_GROUPS"), (var_kernel, "SPLIT_KEYS"))
+    return kernel_options(fold_decode_groups=False, split_keys=False)
 
 
-def sanity(shape: ba.Shape, device: torch.device) -> dict:
+def sanity(shape: Shape, device: torch.device) -> dict:
     """Our VAR vs the eager VAR: max abs difference, selections compared, how far VAR moved the output."""
     from attnpatch.kernels.attention import attention
     from attnpatch.kernels.var import var_attention
 
-    q, k, v = ba.make_inputs(shape, device)
+    q, k, v = make_inputs(shape, device)
     scale = shape.d**-0.5
     sinks, image, rows = layout(shape, device)
     report: dict = {"shape": vars(shape) if hasattr(shape, "__dict__") else str(shape)}
-    try:
+
+    def check() -> dict:
         ours = var_attention(
             q, k, v, scale=scale, sinks=sinks, image=image, rows=rows, causal=shape.causal, return_selected=True, **VAR
         )
         eager, chosen = eager_var(q, k, v, scale=scale, sinks=sinks, image=image, rows=rows, causal=shape.causal, **VAR)
         plain = attention(q, k, v, scale=scale, causal=shape.causal)
-        report.update(
+        return dict(
             max_abs_err_vs_eager=(ours.out.double() - eager.double()).abs().max().item(),
             selected=int(ours.selected.sum()),
             selected_eager=int(chosen.sum()),
             selection_agreement=(ours.selected == chosen).float().mean().item(),
             var_changes_output_by=(ours.out.double() - plain.double()).abs().max().item(),
         )
-    except Exception as e:
-        report["error"] = "oom" if ba._is_oom(e) else ba._error(e)
-    ba._cleanup(device.type == "cuda")
+
+    run_check(report, check, cuda=device.type == "cuda")
     return report
 
 
@@ -134,43 +150,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="*", default=[2048, 4096, 8192])
     parser.add_argument("--decode-lengths", type=int, nargs="*", default=[2048, 8192])
-    ba.add_run_options(parser, smoke_repeats=3)
+    add_run_options(parser, smoke_repeats=3)
     args = parser.parse_args()
-    cuda, device, repeats, warmup = ba.run_setup(parser, args, smoke_repeats=3)
-    if args.smoke:
-        dims = dict(b=1, hq=4, hkv=2, d=32, dtype="float32")
-        lengths, decode_lengths = [64, 128], [128]
-    else:
-        dims = dict(b=1, hq=32, hkv=8, d=128, dtype="bfloat16")
-        lengths, decode_lengths = args.lengths, args.decode_lengths
-    shapes = [ba.Shape("prefill", lq=n, lk=n, **dims) for n in lengths]
-    shapes += [ba.Shape("decode", lq=1, lk=n, **dims) for n in decode_lengths]
+    cuda, device, repeats, warmup = run_setup(parser, args, smoke_repeats=3)
+    dims, shapes = attention_shapes(args, smoke_decode_lengths=[128])
 
-    name, compute_path = ba.describe_path(device)
+    name, compute_path = describe_path(device)
     checks = [sanity(shapes[0], device), sanity(shapes[-1], device)]
     for check in checks:
         print("sanity:", json.dumps(check), flush=True)
-    timer = ba.Timer(cuda, warmup, repeats)
-    stem = f"var_{ba.slug(name)}" + ("_smoke" if args.smoke else "")
-    config = dict(
-        dims,
-        var=VAR,
-        image=f"{IMAGE_TOKENS} tokens from {IMAGE_START}",
+    timer = Timer(cuda, warmup, repeats)
+    stem = report_stem("var", name, args.smoke)
+    config = run_config(
+        cuda, repeats, warmup, args.smoke, **dims, var=VAR, image=f"{IMAGE_TOKENS} tokens from {IMAGE_START}",
         causal_prefill=True,
-        repeats=repeats,
-        warmup=warmup,
-        timing=ba.timing_note(cuda),
-        smoke=args.smoke,
     )  # fmt: skip
     results = []
     for shape in shapes:
-        results += ba.measure_shape(shape, device, timer, None, build=build_providers)
-        ba.write_report(args.out_dir, stem, name, compute_path, config, checks, results, quiet=True)
-    json_path = ba.write_report(args.out_dir, stem, name, compute_path, config, checks, results)
-    try:
-        ba.plot(results, json_path.with_suffix(".png"), f"VAR on {name}; {dims}")
-    except Exception as e:
-        print(f"plot failed: {ba._error(e)}")
+        results += measure_shape(shape, device, timer, None, build_providers)
+        write_report(args.out_dir, stem, name, compute_path, config, checks, results, quiet=True)
+    json_path = write_report(args.out_dir, stem, name, compute_path, config, checks, results)
+    write_plot(results, json_path, f"VAR on {name}; {dims}")
 
 
 if __name__ == "__main__":

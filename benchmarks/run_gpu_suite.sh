@@ -87,7 +87,9 @@ print(json.dumps(info))
 EOF
 }
 
-# the GPU tests, and the kernel and model tests, whose Triton paths run on CUDA there (TESTS overrides the list)
+# the GPU tests (kernels at real sizes: tests/kernels/test_gpu.py and test_outlook.py's gpu cases; whole models:
+# tests/methods/test_gpu_models.py) and the kernel and model tests, whose Triton paths run on CUDA there (TESTS
+# overrides the list)
 DEFAULT_TESTS="tests/kernels tests/methods"
 read -r -a GPU_TESTS <<<"${TESTS:-$DEFAULT_TESTS}"
 for stage in "${STAGES[@]}"; do

@@ -26,18 +26,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_attention import (  # noqa: E402
+from common import (  # noqa: E402
     ACT,
     Shape,
     Timer,
-    _cleanup,
-    _error,
     add_run_options,
+    cleanup,
     describe_path,
+    error_text,
     make_inputs,
+    report_stem,
+    run_config,
     run_setup,
-    slug,
-    timing_note,
     write_report,
 )
 
@@ -83,30 +83,28 @@ def kernel_calls(shape: Shape, device: torch.device) -> dict:
 
 
 def sweep(shape: Shape, device: torch.device, timer: Timer, configs: list[dict]) -> list[dict]:
-    from attnpatch.kernels._triton import common
+    from attnpatch.kernels import Tiles, kernel_options
 
     calls = kernel_calls(shape, device)
     rows = []
     for name in KERNELS:
-        common.TILE_OVERRIDES.clear()
         default = calls[name]()
         default_ms = statistics.median(timer.times_ms(calls[name]))
         rows.append(dict(kernel=name, d=shape.d, config="default", status="ok", median_ms=default_ms))
         for cfg in configs:
-            common.TILE_OVERRIDES[name] = common.Tiles(block_d=0, **cfg)
             row = dict(kernel=name, d=shape.d, config=cfg, status="ok")
             try:
-                out = calls[name]()
-                row["max_abs_diff_vs_default"] = (out.float() - default.float()).abs().max().item()
-                if not row["max_abs_diff_vs_default"] <= (1e-2 if shape.dtype != "float32" else 1e-5):
-                    row["status"] = "wrong"
-                row["median_ms"] = statistics.median(timer.times_ms(calls[name]))
+                with kernel_options(tiles={name: Tiles(block_d=0, **cfg)}):  # block_d follows the head dim
+                    out = calls[name]()
+                    row["max_abs_diff_vs_default"] = (out.float() - default.float()).abs().max().item()
+                    if not row["max_abs_diff_vs_default"] <= (1e-2 if shape.dtype != "float32" else 1e-5):
+                        row["status"] = "wrong"
+                    row["median_ms"] = statistics.median(timer.times_ms(calls[name]))
                 row["vs_default"] = row["median_ms"] / default_ms
             except Exception as e:  # shared memory, registers: the compiler's refusal is a result too
-                row["status"], row["error"] = "error", _error(e)
+                row["status"], row["error"] = "error", error_text(e)
             finally:
-                common.TILE_OVERRIDES.clear()
-                _cleanup(device.type == "cuda")
+                cleanup(device.type == "cuda")
             rows.append(row)
             if "vs_default" in row:
                 shown = f"{row['median_ms']:8.3f} ms ({row['vs_default']:.2f}x default)"
@@ -147,10 +145,10 @@ def main() -> None:
                   for d in args.head_dims]  # fmt: skip
         configs = [dict(zip(GRID, values, strict=True)) for values in itertools.product(*GRID.values())]
     name, compute_path = describe_path(device)
-    config = dict(length=shapes[0].lk, heads="32 query / 8 kv" if not args.smoke else "4 / 2", causal=True,
-                  dtype=shapes[0].dtype, grid=GRID if not args.smoke else configs, repeats=repeats, warmup=warmup,
-                  timing=timing_note(cuda), smoke=args.smoke)  # fmt: skip
-    stem = f"tiles_{slug(name)}" + ("_smoke" if args.smoke else "")
+    config = run_config(cuda, repeats, warmup, args.smoke, length=shapes[0].lk, causal=True, dtype=shapes[0].dtype,
+                        heads="32 query / 8 kv" if not args.smoke else "4 / 2",
+                        grid=GRID if not args.smoke else configs)  # fmt: skip
+    stem = report_stem("tiles", name, args.smoke)
     rows = []
     for shape in shapes:
         rows += sweep(shape, device, timer, configs)

@@ -30,14 +30,12 @@ from .blocks import (
     visible_count,
 )
 from .column_mass import ColumnStats, column_mass_from_logits
-from .masking import KeyRanges, MaskMemo, query_rows, ranges_visible_count
+from .masking import KeyRanges, MaskMemo, ranges_visible_count
+from .options import current_kernel_options
 
 # Rows whose non-sink mass 1 - S is below this are recomputed exactly on the Triton path (the closed form divides
 # the rounding error of o - A_S by 1 - S).
 CLOSED_FORM_GUARD = 0.03
-# Decode (Lq = 1) on the Triton path takes the column mass from the logits the flash pass writes instead of a second
-# pass over K; False restores the column-mass kernel (kept to measure the two against each other).
-DECODE_MASS_FROM_LOGITS = True
 
 
 @dataclass
@@ -90,8 +88,7 @@ def act_attention(
     probabilities (PyTorch path only). block_elements: logits per block of the PyTorch path. mask_memo: the
     forward's masking.MaskMemo (a 4-D mask is then checked once per forward, not once per layer).
     """
-    b, hq, lq, _ = q.shape
-    hkv = k.shape[1]
+    hq, hkv = q.shape[1], k.shape[1]
     if history is not None and history.colsum.shape[-1] > key_offset + k.shape[2]:
         raise ValueError(
             f"history covers {history.colsum.shape[-1]} key positions but this call's keys end at "
@@ -100,18 +97,10 @@ def act_attention(
         )
     if kv_head_index is None:
         kv_head_index = default_kv_heads(hq, hkv)
-    unsupported = "returning the attention probabilities (output_attentions=True)" if return_probs else None
-    path, ranges = backend.plan(
-        "act_attention",
-        q,
-        (k, v),
-        mask,
-        causal=causal,
-        sliding_window=sliding_window,
-        unsupported=unsupported,
-        mask_memo=mask_memo,
-    )
-    query_valid = query_rows(query_valid, ranges if ranges is not None else mask, b, lq, q.device)
+    path, ranges, query_valid = backend.plan_rows(
+        "act_attention", q, (k, v), mask, query_valid, causal=causal, sliding_window=sliding_window,
+        return_probs=return_probs, mask_memo=mask_memo,
+    )  # fmt: skip
     select = dict(threshold=threshold, min_visible_rows=min_visible_rows, keep_first_sink=keep_first_sink)
     if path == "triton":
         return _act_triton(
@@ -123,6 +112,20 @@ def act_attention(
         query_valid=query_valid, kv_head_index=kv_head_index, history=history, key_offset=key_offset, select=select,
         return_probs=return_probs, block_elements=block_elements,
     )  # fmt: skip
+
+
+def calibrate_(p: torch.Tensor, sinks: torch.Tensor, *, beta: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """ACT's per-row rule on probabilities p [..., R, Lk] (float32), in place: with S the sink mass of a row and 1 - S
+    its non-sink mass (summed directly: 1 - S cancels when S is close to 1), P' = beta P on the sinks (sinks [..., Lk]
+    bool, one set per leading index) and c P elsewhere, c = 1 + (1 - beta) S / (1 - S). Only the rows [..., R] (bool,
+    broadcast; default all) that have non-sink mass change. Returns p."""
+    sink_w = sinks.float()
+    s_mass, rest = (p @ torch.stack([sink_w, 1.0 - sink_w], dim=-1)).unbind(-1)  # [..., R] each
+    active = rest > 0 if rows is None else rows & (rest > 0)
+    c = torch.where(active, 1.0 + (1.0 - beta) * s_mass / rest.clamp_min(1e-30), torch.ones_like(rest))
+    w_sink = torch.where(active, torch.full_like(rest, beta), torch.ones_like(rest))
+    # a select, not c + (w_sink - c) * sink: c can be huge when the sinks hold nearly all of a row's mass
+    return p.mul_(torch.where(sinks[..., None, :], w_sink[..., None], c[..., None]))
 
 
 def _act_torch(
@@ -171,18 +174,11 @@ def _act_torch(
     valid = query_valid[:, None, :]
     for q_idx, kv_idx in groups:
         q_dev = q_idx.to(device)
-        sink_w = sinks[:, q_dev, None, :].float()  # [B, n, 1, Lk]
-        sink_cols = torch.stack([sink_w, 1.0 - sink_w], dim=-1).squeeze(2)  # [B, n, Lk, 2]
+        group_sinks = sinks[:, q_dev]  # [B, n, Lk]
         v_group = take_heads(v, kv_idx).float()
         blocks = group_blocks(q, k, q_idx, kv_idx, **logit_options)
         for r0, r1, logits in blocks:
-            p = probs_(logits, lse[:, q_dev, r0:r1])
-            s_mass, rest = (p @ sink_cols).unbind(-1)  # sink and non-sink mass per row
-            active = valid[:, :, r0:r1] & (rest > 0)
-            c = torch.where(active, 1.0 + (1.0 - beta) * s_mass / rest.clamp_min(1e-30), torch.ones_like(rest))
-            w_sink = torch.where(active, torch.full_like(rest, beta), torch.ones_like(rest))
-            # a select, not c + (w_sink - c) * sink: c can be huge when the sinks hold nearly all of a row's mass
-            p.mul_(torch.where(sink_w > 0, w_sink[..., None], c[..., None]))
+            p = calibrate_(probs_(logits, lse[:, q_dev, r0:r1]), group_sinks, beta=beta, rows=valid[:, :, r0:r1])
             out[:, q_dev, r0:r1] = (p @ v_group).to(q.dtype)
             if probs_out is not None:
                 probs_out[:, q_dev, r0:r1] = p
@@ -200,7 +196,8 @@ def _act_triton(
     lk = k.shape[2]
     heads = dict(softcap=softcap, kv_head_index=kv_head_index)
     plain = torch.empty(b, hq, lq, d, dtype=torch.float32, device=q.device)
-    if lq == 1 and DECODE_MASS_FROM_LOGITS:  # one pass over K/V: the column mass of one row is its probabilities
+    if lq == 1 and current_kernel_options().decode_mass_from_logits:
+        # one pass over K/V: the column mass of one row is its probabilities
         logits = torch.full((b, hq, 1, lk), float("-inf"), dtype=torch.float32, device=q.device)
         plain, lse = flash_forward(q, k, v, ranges, scale=scale, out=plain, logits_out=logits, **heads)
         colsum = column_mass_from_logits(logits, lse, query_valid)
@@ -246,13 +243,9 @@ def _exact_rows(q, k, v, out, rows, ranges, sinks, *, scale, beta, softcap, kv_h
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
         seen = (cols >= ranges.lo[bi, ri, None]) & (cols < ranges.hi[bi, ri, None])
-        p = torch.softmax(logits.masked_fill(~seen, float("-inf")), dim=-1)
-        sink = sinks[bi, hi].float()
-        s_mass, rest = (p * sink).sum(-1), (p * (1 - sink)).sum(-1)
-        c = torch.where(rest > 0, 1.0 + (1.0 - beta) * s_mass / rest.clamp_min(1e-30), torch.ones_like(rest))
-        w_sink = torch.where(rest > 0, torch.full_like(rest, beta), torch.ones_like(rest))
-        p = p * torch.where(sink > 0, w_sink[:, None], c[:, None])
-        out[bi, hi, ri] = torch.einsum("nk,nkd->nd", p, v[bi, kvh].float()).to(out.dtype)
+        p = torch.softmax(logits.masked_fill(~seen, float("-inf")), dim=-1)[:, None]  # [n, 1, Lk]: one row each
+        p = calibrate_(p, sinks[bi, hi], beta=beta)
+        out[bi, hi, ri] = torch.einsum("nk,nkd->nd", p.squeeze(1), v[bi, kvh].float()).to(out.dtype)
 
 
 def _accumulate(history: ColumnStats | None, colsum: torch.Tensor, count: torch.Tensor, key_offset: int) -> ColumnStats:

@@ -158,3 +158,30 @@ def plan(
             memo=mask_memo,
         )
     return choose(op, q.device, reason), ranges
+
+
+PROBS_UNSUPPORTED = "returning the attention probabilities (output_attentions=True)"
+
+
+def plan_rows(
+    op: str,
+    q: torch.Tensor,
+    others: tuple[torch.Tensor, ...],
+    mask,
+    rows: torch.Tensor | None,
+    *,
+    causal: bool,
+    sliding_window: int | None,
+    return_probs: bool = False,
+    mask_memo: dict | None = None,
+):
+    """`plan` for an op that changes chosen query rows and returns its probabilities on the PyTorch path only:
+    (path, KeyRanges or None, rows [B, Lq] bool; default: every row that sees a key)."""
+    from .masking import query_rows
+
+    path, ranges = plan(
+        op, q, others, mask, causal=causal, sliding_window=sliding_window,
+        unsupported=PROBS_UNSUPPORTED if return_probs else None, mask_memo=mask_memo,
+    )  # fmt: skip
+    b, _, lq, _ = q.shape
+    return path, ranges, query_rows(rows, ranges if ranges is not None else mask, b, lq, q.device)

@@ -18,7 +18,7 @@ from .blocks import (
     replica_groups,
     visible_count,
 )
-from .masking import KeyRanges, query_rows, ranges_visible_count
+from .masking import KeyRanges, ranges_visible_count
 
 
 @dataclass
@@ -52,10 +52,10 @@ def column_mass(
     4-D mask, KeyRanges, or None for the `causal`/`sliding_window` rules. query_valid [B, Lq]: rows that count
     (default: rows that see a key). kv_head_index [Hq]: kv head of each query head (default: consecutive groups).
     """
-    b, hq, lq, _ = q.shape
     lk = k.shape[2]
-    path, ranges = backend.plan("column_mass", q, (k,), mask, causal=causal, sliding_window=sliding_window)
-    query_valid = query_rows(query_valid, ranges if ranges is not None else mask, b, lq, q.device)
+    path, ranges, query_valid = backend.plan_rows(
+        "column_mass", q, (k,), mask, query_valid, causal=causal, sliding_window=sliding_window
+    )
     if path == "triton":
         from ._triton.column_mass import column_mass_forward
 

@@ -26,7 +26,7 @@ from .blocks import (
     replica_groups,
     take_heads,
 )
-from .masking import KeyRanges, MaskMemo, query_rows
+from .masking import KeyRanges, MaskMemo
 
 CONVENTIONS = ("paper", "code")
 CODE_EPSILON = 1e-6  # the released code adds this to every image probability in the portion's denominator
@@ -79,7 +79,7 @@ def var_attention(
     return_selected: also the [B, Hq, Lq] selection; return_probs: also the probabilities (PyTorch path only).
     mask_memo: the forward's masking.MaskMemo.
     """
-    b, hq, lq, _ = q.shape
+    b, hq = q.shape[:2]
     hkv, lk = k.shape[1], k.shape[2]
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -88,18 +88,10 @@ def var_attention(
             raise ValueError(f"{name} must be a [B, Lk] = [{b}, {lk}] bool tensor, got {tuple(t.shape)} {t.dtype}")
     if kv_head_index is None:
         kv_head_index = default_kv_heads(hq, hkv)
-    unsupported = "returning the attention probabilities (output_attentions=True)" if return_probs else None
-    path, ranges = backend.plan(
-        "var_attention",
-        q,
-        (k, v),
-        mask,
-        causal=causal,
-        sliding_window=sliding_window,
-        unsupported=unsupported,
-        mask_memo=mask_memo,
-    )
-    rows = query_rows(rows, ranges if ranges is not None else mask, b, lq, q.device)
+    path, ranges, rows = backend.plan_rows(
+        "var_attention", q, (k, v), mask, rows, causal=causal, sliding_window=sliding_window,
+        return_probs=return_probs, mask_memo=mask_memo,
+    )  # fmt: skip
     sinks, image = sinks.to(q.device), image.to(q.device)
     rows = rows & (sinks & image).any(-1, keepdim=True)  # no visual sink in a sequence: VAR leaves it alone
     rule = dict(keep_fraction=keep_fraction, rho=rho, summ=summ, convention=convention)

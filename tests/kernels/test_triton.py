@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnpatch.kernels import backend, reference
+from attnpatch.kernels import Tiles, backend, kernel_options, reference
 from attnpatch.kernels.act import CLOSED_FORM_GUARD, act_attention
 from attnpatch.kernels.attention import attention
 from attnpatch.kernels.column_mass import ColumnStats, column_mass
@@ -274,12 +274,12 @@ def test_split_kv_decode_merges_exactly(triton_backend, lq, splits):
 
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("heads", ["groups", "subset"])
-def test_decode_folded_groups_and_logits(triton_backend, monkeypatch, heads, splits):
+def test_decode_folded_groups_and_logits(triton_backend, heads, splits):
     """Decode with grouped heads runs each kv head's query heads as one program's rows; a non-standard head map runs
     one program per query head. Either way: the oracle's output and LSE, the same result with folding switched off,
     and the logits buffer holds each row's base-2 logits on the keys it sees and -inf elsewhere (a fully padded
     sequence's row sees nothing: LSE -inf, output 0)."""
-    from attnpatch.kernels._triton import flash
+    from attnpatch.kernels._triton import common, flash
 
     lk, d = 70, 48  # a head dim that is not a power of two
     q = strided(3, 8, 1, d, dtype=torch.float32, seed=12)
@@ -290,17 +290,17 @@ def test_decode_folded_groups_and_logits(triton_backend, monkeypatch, heads, spl
     pad[1, :33] = 0
     pad[2] = 0
     ranges = padding_ranges(pad, 1)
-    assert flash.decode_group(q, k, kv_index) == (4 if heads == "groups" else 1)
+    assert common.decode_group(q, k, kv_index) == (4 if heads == "groups" else 1)
     kv_rep = torch.arange(8) // 4 if kv_index is None else kv_index
     ref_out, ref_lse = reference.attention(q, k[:, kv_rep], v[:, kv_rep], scale=0.2, mask=ranges)
     logits_ref, visible = reference._masked_logits(q, k[:, kv_rep], scale=0.2, mask=ranges)
     runs = []
     for fold in (True, False):
-        monkeypatch.setattr(flash, "FOLD_DECODE_GROUPS", fold)
         logits = torch.full((3, 8, 1, lk), float("-inf"))
-        out, lse = flash.flash_forward(
-            q, k, v, ranges, scale=0.2, kv_head_index=kv_index, num_splits=splits, logits_out=logits
-        )
+        with kernel_options(fold_decode_groups=fold):
+            out, lse = flash.flash_forward(
+                q, k, v, ranges, scale=0.2, kv_head_index=kv_index, num_splits=splits, logits_out=logits
+            )
         assert (out.double() - ref_out).abs().max() <= 1e-5
         seen = torch.isfinite(ref_lse)
         assert (lse.double() - ref_lse)[seen].abs().max() <= 1e-5 and torch.isinf(lse[~seen]).all()
@@ -312,11 +312,9 @@ def test_decode_folded_groups_and_logits(triton_backend, monkeypatch, heads, spl
     assert (runs[0][0] - runs[1][0]).abs().max() <= 1e-6
 
 
-def test_act_decode_mass_from_logits(triton_backend, monkeypatch):
+def test_act_decode_mass_from_logits(triton_backend):
     """A decode step takes the column mass from the flash pass's logits: the oracle's statistic (history included)
     and sinks, and the same as the column-mass kernel's; a padded row of a padded prompt counts nothing."""
-    import attnpatch.kernels.act as act_module
-
     q, k, v = planted(2, 8, 2, 1, 40, 32, sinks=(0, 6), seed=21)
     pad = [0, 9]
     g = torch.Generator().manual_seed(3)
@@ -328,30 +326,30 @@ def test_act_decode_mass_from_logits(triton_backend, monkeypatch):
     ref = reference.act(q, k, v, mask=mask, history=(history.colsum, history.count), **ACT)
     runs = {}
     for from_logits in (True, False):
-        monkeypatch.setattr(act_module, "DECODE_MASS_FROM_LOGITS", from_logits)
-        runs[from_logits] = act_attention(q, k, v, mask=mask, history=history, **ACT)
+        with kernel_options(decode_mass_from_logits=from_logits):
+            runs[from_logits] = act_attention(q, k, v, mask=mask, history=history, **ACT)
+            skip_row_1 = torch.tensor([[True], [False]])
+            step = act_attention(q, k, v, mask=mask, history=history, query_valid=skip_row_1, **ACT)
         assert torch.equal(runs[from_logits].sinks, ref["sinks"])
         assert (runs[from_logits].stats.colsum.double() - ref["colsum"]).abs().max() <= 1e-6
         assert (runs[from_logits].out.double() - ref["out"]).abs().max() <= 1e-5
-        skip_row_1 = torch.tensor([[True], [False]])
-        step = act_attention(q, k, v, mask=mask, history=history, query_valid=skip_row_1, **ACT)
         assert torch.equal(step.stats.colsum[1, :, :39], history.colsum[1])
         assert torch.equal(step.stats.colsum[0], runs[from_logits].stats.colsum[0])
     assert (runs[True].stats.colsum - runs[False].stats.colsum).abs().max() <= 1e-6
 
 
-def test_tile_overrides_change_tiles_not_results(triton_backend, monkeypatch):
-    """The per-kernel tile override that tune_tiles.py sweeps: the kernels get the fixed tiles and still match the
-    oracle (ACT through all three prefill kernels, left padding included)."""
+def test_tile_overrides_change_tiles_not_results(triton_backend):
+    """The per-kernel tiles that tune_tiles.py sweeps (`KernelOptions.tiles`): the kernels get the fixed tiles and
+    still match the oracle (ACT through all three prefill kernels, left padding included)."""
     from attnpatch.kernels._triton import common
 
     q, k, v = planted(2, 4, 2, 45, 45, 32, sinks=(0, 7), seed=31)
     mask = causal_mask(2, 45, 45, pad=[0, 6])
     ref = reference.act(q, k, v, mask=mask, **ACT)
-    for kernel in ("flash", "column_mass", "sink_correction"):
-        monkeypatch.setitem(common.TILE_OVERRIDES, kernel, common.Tiles(16, 16, 0, 4, 1))
-    assert common.tiles(32, torch.float32, 45, "flash") == common.Tiles(16, 16, 32, 4, 1)
-    fast = act_attention(q, k, v, mask=mask, **ACT)
+    fixed = {kernel: Tiles(16, 16, 0, 4, 1) for kernel in ("flash", "column_mass", "sink_correction")}
+    with kernel_options(tiles=fixed):
+        assert common.tiles(32, torch.float32, 45, "flash") == Tiles(16, 16, 32, 4, 1)
+        fast = act_attention(q, k, v, mask=mask, **ACT)
     assert torch.equal(fast.sinks, ref["sinks"]) and fast.sinks.any()
     assert (fast.out.double() - ref["out"]).abs().max() <= 1e-5
     assert (fast.stats.colsum.double() - ref["colsum"]).abs().max() <= 1e-5
@@ -407,11 +405,11 @@ def test_patched_forward_converts_its_mask_once(triton_backend, monkeypatch):
     pad[1, :3] = 0
     with attnpatch.patched(model, "act", heads="all") as patch, torch.inference_mode():
         model(ids, attention_mask=pad)
-        assert len(calls) == 1 and patch.context is None
+        assert len(calls) == 1 and patch.integration.current() is None
         with pytest.raises(IndexError):
             model(torch.full_like(ids, 10**6), attention_mask=pad)  # raises in the embedding
         model(ids, attention_mask=pad)
-        assert len(calls) == 2 and patch.context is None
+        assert len(calls) == 2 and patch.integration.current() is None
 
 
 def test_padding_ranges_with_an_empty_row_and_bad_key_offset():

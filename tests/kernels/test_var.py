@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnpatch.kernels import backend, reference
+from attnpatch.kernels import backend, kernel_options, reference
 from attnpatch.kernels.masking import padding_ranges
 from attnpatch.kernels.var import var_attention
 
@@ -188,7 +188,6 @@ def test_bad_arguments_are_errors():
 def test_decode_folded_groups_equal_one_program_per_head(monkeypatch, splits):
     """A decode step runs each kv head's query heads as one program's rows; with folding off (one program per query
     head) the output and selection are the same, and both match the oracle; a fully padded sequence gives 0."""
-    from attnpatch.kernels._triton import flash
     from attnpatch.kernels._triton import var as var_kernel
 
     monkeypatch.setattr(var_kernel, "key_splits", lambda *args: splits)
@@ -203,8 +202,8 @@ def test_decode_folded_groups_equal_one_program_per_head(monkeypatch, splits):
     assert want["selected"][0].any() and not want["selected"][0].all() and not want["selected"][1].any()
     runs = []
     for fold in (True, False):
-        monkeypatch.setattr(flash, "FOLD_DECODE_GROUPS", fold)
-        got = run("triton", q, k, v, sinks=sinks, image=img, rows=rows, mask=mask, **rule)
+        with kernel_options(fold_decode_groups=fold):
+            got = run("triton", q, k, v, sinks=sinks, image=img, rows=rows, mask=mask, **rule)
         assert torch.equal(got.selected.cpu(), want["selected"])
         torch.testing.assert_close(got.out.double().cpu(), want["out"], atol=2e-5, rtol=0)
         assert got.out[2].abs().max() == 0

@@ -15,7 +15,9 @@ from ..masking import KeyRanges
 from .common import (
     dot_precision,
     head_map,
+    load_lse2,
     load_q_block,
+    program_heads,
     range_args,
     row_ranges,
     scaled_logits,
@@ -35,12 +37,8 @@ def _column_mass(
     HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = tl.load(KV_HEAD + h)
-    n_start = pid_n * BLOCK_N
+    bh, b, h, kvh = program_heads(KV_HEAD, H)
+    n_start = tl.program_id(0) * BLOCK_N
     cols = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     c_ok = cols < LK
@@ -61,7 +59,7 @@ def _column_mass(
         sees = (lo < n_start + BLOCK_N) & (hi > n_start) & (lo < hi) & (w > 0)
         if tl.max(sees.to(tl.int32), 0) > 0:
             q = load_q_block(Q, b, h, rows, m_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd, UPCAST)
-            lse = tl.load(LSE + bh * LQ + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+            lse = load_lse2(LSE, bh, LQ, rows, m_ok)
             s = scaled_logits(tl.dot(q, kt, input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
             seen = sees[:, None] & (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
             p = tl.where(seen, tl.exp2(s - tl.where(sees, lse, 0.0)[:, None]), 0.0)

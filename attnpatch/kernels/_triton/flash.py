@@ -15,25 +15,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ..blocks import default_kv_heads
 from ..masking import KeyRanges
 from .common import (
+    LN2,
     dot_precision,
-    head_map,
     key_loop_bounds,
-    load_kv_tile,
+    key_splits,
+    key_tile,
     load_q_block,
+    program_rows,
+    query_block,
     range_args,
-    row_ranges,
-    scaled_logits,
+    softmax_step,
+    split_length,
     strides4,
     tiles,
     upcast,
 )
-
-# Decode with grouped heads runs each kv head's query heads as the rows of one program; False restores one program
-# per query head (kept to measure the two against each other).
-FOLD_DECODE_GROUPS = True
 
 
 @triton.jit
@@ -46,22 +44,15 @@ def _key_tiles(
 ):  # fmt: skip
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        kt, v = load_kv_tile(
-            k_base, v_base, cols, offs_d, LK, D, stride_kn, stride_kd, stride_vn, stride_vd, MASKED, UPCAST, EVEN_D
-        )
-        s = scaled_logits(tl.dot(q, kt, input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
-        if MASKED:
-            seen = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-            s = tl.where(seen, s, float("-inf"))
+        s, v = key_tile(
+            q, k_base, v_base, cols, lo, hi, offs_d, LK, D, stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap,
+            MASKED, HAS_SOFTCAP, UPCAST, PRECISION, EVEN_D,
+        )  # fmt: skip
         if STORE_LOGITS:  # s_rows: pointers to column 0 of each row's logits
             tl.store(s_rows[:, None] + cols[None, :] * stride_sn, s, mask=row_ok[:, None] & (cols < LK)[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p, alpha, m_i = softmax_step(s, m_i)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -74,30 +65,18 @@ def _flash_fwd(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_sb, stride_sh, stride_sm, stride_sn,
     stride_rb, stride_rm,
-    stride_os, H, LQ, LK, D, SPLIT_KEYS, scale, softcap,
+    stride_os, H, LQ, LK, D, SPLIT_LEN, scale, softcap,
     HAS_SOFTCAP: tl.constexpr, STORE_LSE: tl.constexpr, STORE_LOGITS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    split = tl.program_id(2)  # split-KV (decode): this program covers keys [split0, split1) only
-    split0 = split * SPLIT_KEYS
-    split1 = split0 + SPLIT_KEYS
-    b = bh // H
-    h = bh % H
-    kvh = tl.load(KV_HEAD + h)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < LQ
-    d_ok = offs_d < D
-
-    lo, hi = row_ranges(LO, HI, b, offs_m, m_ok, stride_rb, stride_rm)
-    row_ok = m_ok & (lo < hi)
-    first, left_end, full_lo, mid_end, right_start, right_end = key_loop_bounds(
-        lo, hi, row_ok, LK, split0, split1, BLOCK_N
+    split = tl.program_id(2)  # split-KV (decode): this program covers keys [split * SPLIT_LEN, (split + 1) SPLIT_LEN)
+    bh, b, h, kvh, offs_m, m_ok, offs_d, d_ok, lo, hi = query_block(
+        LO, HI, KV_HEAD, H, LQ, D, stride_rb, stride_rm, BLOCK_M, BLOCK_D
     )
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = m_ok & (lo < hi)
+    first, left_end, full_lo, mid_end, right_start, right_end = key_loop_bounds(lo, hi, row_ok, LK, SPLIT_LEN, BLOCK_N)
 
     q = load_q_block(Q, b, h, offs_m, m_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd, UPCAST)
     k_base = K + b * stride_kb + kvh * stride_kh
@@ -136,7 +115,7 @@ def _flash_fwd(
         mask=m_ok[:, None] & d_ok[None, :],
     )
     if STORE_LSE:
-        lse = tl.where(live, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(live, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
         tl.store(LSE + (split * tl.num_programs(1) + bh) * LQ + offs_m, lse, mask=m_ok)
 
 
@@ -164,36 +143,14 @@ def flash_forward(
     written).
     """
     b, hq, lq, d = q.shape
-    hkv = k.shape[1]
     if out is None:
         out = torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, L, H, D] memory
     lo, hi, srb, srm = range_args(ranges)
-    group = decode_group(q, k, kv_head_index)
-    if group > 1:  # rows = the query heads of one kv head; all of them see the one query's key range
-
-        def fold(t: torch.Tensor) -> torch.Tensor:
-            return t.squeeze(2).unflatten(1, (hkv, group))
-
-        q, out_rows, srm = fold(q), fold(out), 0
-        logits_rows = None if logits_out is None else fold(logits_out)
-        heads = head_map(None, hkv, hkv, q.device)
-    else:
-        out_rows, logits_rows, heads = out, logits_out, head_map(kv_head_index, hq, hkv, q.device)
+    folded, heads, (q, out_rows, logits_rows) = program_rows(q, k, kv_head_index, out, logits_out)
+    if folded:  # rows = the query heads of one kv head; all of them see the one query's key range
+        srm = 0
     lse = _launch(q, k, v, out_rows, logits_rows, lo, hi, srb, srm, heads, scale, softcap, return_lse, num_splits)
     return out, (lse.view(b, hq, lq) if return_lse else None)
-
-
-def decode_group(q: torch.Tensor, k: torch.Tensor, kv_head_index: torch.Tensor | None) -> int:
-    """Query heads per kv head when a decode call (Lq = 1) can run them as the rows of one program (consecutive groups,
-    `FOLD_DECODE_GROUPS` on), else 1. A kv_head_index on the GPU is not inspected (that would synchronise)."""
-    hq, lq, hkv = q.shape[1], q.shape[2], k.shape[1]
-    if not FOLD_DECODE_GROUPS or lq != 1 or hq == hkv or hq % hkv:
-        return 1
-    if kv_head_index is not None and (
-        kv_head_index.device.type != "cpu" or not torch.equal(kv_head_index.long(), default_kv_heads(hq, hkv))
-    ):
-        return 1
-    return hq // hkv
 
 
 def _launch(q, k, v, out, logits, lo, hi, srb, srm, heads, scale, softcap, return_lse, num_splits) -> torch.Tensor:
@@ -202,9 +159,8 @@ def _launch(q, k, v, out, logits, lo, hi, srb, srm, heads, scale, softcap, retur
     lk = k.shape[2]
     t = tiles(d, q.dtype, m, "flash")
     programs = triton.cdiv(m, t.block_m) * b * h
-    splits = key_splits(programs, lk, t.block_n, q.device) if num_splits is None else max(1, num_splits)
-    split_keys = triton.cdiv(triton.cdiv(lk, splits), t.block_n) * t.block_n
-    splits = triton.cdiv(lk, split_keys)
+    wanted = key_splits(programs, lk, t.block_n, q.device) if num_splits is None else num_splits
+    splits, split_len = split_length(lk, t.block_n, wanted)
     if splits == 1:
         target, lse = out, torch.empty(b, h, m, dtype=torch.float32, device=q.device)
     else:
@@ -215,23 +171,12 @@ def _launch(q, k, v, out, logits, lo, hi, srb, srm, heads, scale, softcap, retur
         q, k, v, target, lse, lo, hi, heads, lse if logits is None else logits,
         *strides4(q), *strides4(k), *strides4(v), *target.stride()[-4:],
         *((0, 0, 0, 0) if logits is None else strides4(logits)), srb, srm,
-        target.stride(0) if splits > 1 else 0, h, m, lk, d, split_keys, float(scale), float(softcap or 1.0),
+        target.stride(0) if splits > 1 else 0, h, m, lk, d, split_len, float(scale), float(softcap or 1.0),
         HAS_SOFTCAP=softcap is not None, STORE_LSE=return_lse or splits > 1, STORE_LOGITS=logits is not None,
         UPCAST=upcast(q.dtype), PRECISION=dot_precision(q.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         BLOCK_D=t.block_d, EVEN_D=t.block_d == d, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return _merge_splits(target, lse, out) if splits > 1 else lse
-
-
-def key_splits(programs: int, lk: int, block_n: int, device: torch.device) -> int:
-    """How many key ranges to run in separate programs (flash-decoding): enough to give every SM about two
-    programs, each range at least 4 key tiles long; 1 off the GPU."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if programs >= sms:
-        return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), lk // (4 * block_n), 64))
 
 
 def _merge_splits(parts: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -33,14 +33,15 @@ ROW_TILE_ELEMENTS = 2048  # rows x channels of the accumulator tile a program ho
 
 
 @triton.jit
-def _covering_window(y, x, t_y, t_x, GH, GW, K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr):
+def _covering_window(y, x, p_ok, t_y, t_x, GH, GW, K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr):
     """Window (wy, wx), the (t_y, t_x)-th back from the last one whose corner is at or above-left of pixel (y, x);
-    the pixel's position k inside it; whether that window exists and covers the pixel (indices are 0 where not)."""
+    the pixel's position k inside it; whether the pixel is valid (`p_ok`) and that window exists and covers it
+    (indices are 0 where not)."""
     wy = (y + PAD) // STRIDE - t_y
     wx = (x + PAD) // STRIDE - t_x
     ky = y + PAD - wy * STRIDE
     kx = x + PAD - wx * STRIDE
-    ok = (wy >= 0) & (wy < GH) & (wx >= 0) & (wx < GW) & (ky < K) & (kx < K)
+    ok = p_ok & (wy >= 0) & (wy < GH) & (wx >= 0) & (wx < GW) & (ky < K) & (kx < K)
     return tl.where(ok, wy, 0), tl.where(ok, wx, 0), tl.where(ok, ky * K + kx, 0), ok
 
 
@@ -51,6 +52,31 @@ def _window_pixel(wy, wx, ok, H, W, k, K: tl.constexpr, STRIDE: tl.constexpr, PA
     px = wx * STRIDE - PAD + k % K
     inside = ok & (py >= 0) & (py < H) & (px >= 0) & (px < W)
     return tl.where(inside, py, 0), tl.where(inside, px, 0), inside
+
+
+@triton.jit
+def _pixel_tile(base, py, px, chan, ok, c_ok, stride_y, stride_x, stride_c, UPCAST: tl.constexpr):
+    """The [pixels, channels] tile of a [H, W, C] image at `base` at pixels (py, px), channels `chan` (0 where the
+    pixel is not `ok` or the channel not `c_ok`), fp32 when UPCAST."""
+    ptr = base + py * stride_y + px * stride_x
+    tile = tl.load(ptr[:, None] + chan[None, :] * stride_c, mask=ok[:, None] & c_ok[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _store_pixel_tile(base, y, x, chan, p_ok, c_ok, stride_y, stride_x, stride_c, acc):
+    """Store acc [pixels, channels] at pixels (y, x), channels `chan` of the [H, W, C] image at `base` (its dtype)."""
+    ptr = base + y * stride_y + x * stride_x
+    tl.store(ptr[:, None] + chan[None, :] * stride_c, acc.to(base.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _prob(logit, ok, scale_log2, lse):
+    """exp2(logit * scale_log2 - lse) of one logit per row at the pointers `logit` (base-2 LSE; 0 where not ok)."""
+    s = tl.load(logit, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(ok, tl.exp2(s * scale_log2 - lse), 0.0)
 
 
 @triton.jit
@@ -114,29 +140,18 @@ def _outlook_fwd(
     v_base = V + b.to(tl.int64) * stride_vb
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for t in range(COVER * COVER):
-        wy, wx, i, ok = _covering_window(y, x, t // COVER, t % COVER, GH, GW, K, STRIDE, PAD)
-        ok = ok & p_ok
+        wy, wx, i, ok = _covering_window(y, x, p_ok, t // COVER, t % COVER, GH, GW, K, STRIDE, PAD)
         row = l_base + wy * stride_ly + wx * stride_lx + i * KK * stride_lc  # the row this pixel owns
         lse = _row_lse(row, stride_lc, ok, scale_log2, KK)
         for j in range(KK):
             sy, sx, inside = _window_pixel(wy, wx, ok, H, W, j, K, STRIDE, PAD)
-            s_j = tl.load(row + j * stride_lc, mask=ok, other=0.0).to(tl.float32)
-            p_j = tl.where(ok, tl.exp2(s_j * scale_log2 - lse), 0.0)
-            src = v_base + sy * stride_vy + sx * stride_vx
-            v_j = tl.load(src[:, None] + chan[None, :] * stride_vc, mask=inside[:, None] & c_ok[None, :], other=0.0)
-            if UPCAST:
-                v_j = v_j.to(tl.float32)
-            acc += p_j[:, None] * v_j
+            v_j = _pixel_tile(v_base, sy, sx, chan, inside, c_ok, stride_vy, stride_vx, stride_vc, UPCAST)
+            acc += _prob(row + j * stride_lc, ok, scale_log2, lse)[:, None] * v_j
         if STORE_LSE:
             if tl.program_id(2) == 0:
                 lse_at = ((b.to(tl.int64) * GH + wy) * GW + wx) * (N_HEADS * KK) + head * KK + i
                 tl.store(LSE + lse_at, lse, mask=ok)
-    o_ptr = OUT + b.to(tl.int64) * stride_ob + y * stride_oy + x * stride_ox
-    tl.store(
-        o_ptr[:, None] + chan[None, :] * stride_oc,
-        acc.to(OUT.dtype.element_ty),
-        mask=p_ok[:, None] & c_ok[None, :],
-    )
+    _store_pixel_tile(OUT + b.to(tl.int64) * stride_ob, y, x, chan, p_ok, c_ok, stride_oy, stride_ox, stride_oc, acc)
 
 
 @triton.jit
@@ -170,17 +185,14 @@ def _outlook_bwd_logits(
         s, lse = _row_logits(l_base + i * KK * stride_lc, stride_lc, w_ok, scale_log2, KK, KK_PAD)
         prob = tl.exp2(s - lse[:, None])  # 0 where absent (s = -inf)
         dp = tl.zeros([BLOCK_W, KK_PAD], dtype=tl.float32)
-        g_pix = g_base + oy * stride_gy + ox * stride_gx
         for c0 in range(0, HEAD_DIM, BLOCK_C):
             c_ok = (c0 + offs_c) < HEAD_DIM
             chan = head * HEAD_DIM + c0 + offs_c
-            g = tl.load(g_pix[:, None] + chan[None, :] * stride_gc, mask=o_ok[:, None] & c_ok[None, :], other=0.0)
-            g = g.to(tl.float32)
+            g = _pixel_tile(g_base, oy, ox, chan, o_ok, c_ok, stride_gy, stride_gx, stride_gc, True)
             for j in range(KK):
                 sy, sx, inside = _window_pixel(wy, wx, w_ok, H, W, j, K, STRIDE, PAD)
-                src = v_base + sy * stride_vy + sx * stride_vx
-                v_j = tl.load(src[:, None] + chan[None, :] * stride_vc, mask=inside[:, None] & c_ok[None, :], other=0.0)
-                dp += tl.where(jj[None, :] == j, tl.sum(g * v_j.to(tl.float32), 1)[:, None], 0.0)
+                v_j = _pixel_tile(v_base, sy, sx, chan, inside, c_ok, stride_vy, stride_vx, stride_vc, True)
+                dp += tl.where(jj[None, :] == j, tl.sum(g * v_j, 1)[:, None], 0.0)
         ds = prob * (dp - tl.sum(prob * dp, 1)[:, None]) * scale
         tl.store(
             d_base[:, None] + (i * KK + jj)[None, :] * stride_dc,
@@ -207,26 +219,15 @@ def _outlook_bwd_v(
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for t in range(COVER * COVER):
         # this pixel is source j of window w; the rows i of w whose pixel is inside the image sent it gradient
-        wy, wx, j, ok = _covering_window(y, x, t // COVER, t % COVER, GH, GW, K, STRIDE, PAD)
-        ok = ok & p_ok
+        wy, wx, j, ok = _covering_window(y, x, p_ok, t // COVER, t % COVER, GH, GW, K, STRIDE, PAD)
         col = l_base + wy * stride_ly + wx * stride_lx + j * stride_lc
         lse_row = LSE + ((b.to(tl.int64) * GH + wy) * GW + wx) * (N_HEADS * KK) + head * KK
         for i in range(KK):
             oy, ox, o_ok = _window_pixel(wy, wx, ok, H, W, i, K, STRIDE, PAD)
-            s = tl.load(col + i * KK * stride_lc, mask=o_ok, other=0.0).to(tl.float32)
             lse = tl.load(lse_row + i, mask=o_ok, other=0.0)
-            p = tl.where(o_ok, tl.exp2(s * scale_log2 - lse), 0.0)
-            g_pix = g_base + oy * stride_gy + ox * stride_gx
-            g = tl.load(g_pix[:, None] + chan[None, :] * stride_gc, mask=o_ok[:, None] & c_ok[None, :], other=0.0)
-            if UPCAST:
-                g = g.to(tl.float32)
-            acc += p[:, None] * g
-    d_ptr = DV + b.to(tl.int64) * stride_db + y * stride_dy + x * stride_dx
-    tl.store(
-        d_ptr[:, None] + chan[None, :] * stride_dc,
-        acc.to(DV.dtype.element_ty),
-        mask=p_ok[:, None] & c_ok[None, :],
-    )
+            g = _pixel_tile(g_base, oy, ox, chan, o_ok, c_ok, stride_gy, stride_gx, stride_gc, UPCAST)
+            acc += _prob(col + i * KK * stride_lc, o_ok, scale_log2, lse)[:, None] * g
+    _store_pixel_tile(DV + b.to(tl.int64) * stride_db, y, x, chan, p_ok, c_ok, stride_dy, stride_dx, stride_dc, acc)
 
 
 def _blocks(head_dim: int) -> tuple[int, int]:

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..masking import KeyRanges
-from .common import head_map, load_q_block, range_args, row_ranges, scaled_logits, strides4, tiles
+from .common import head_map, load_lse2, load_q_block, query_block, range_args, scaled_logits, strides4, tiles
 
 
 @triton.jit
@@ -29,21 +29,13 @@ def _sink_correction(
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = tl.load(KV_HEAD + h)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, kvh, rows, m_ok, offs_d, d_ok, lo, hi = query_block(
+        LO, HI, KV_HEAD, H, LQ, D, stride_rb, stride_rm, BLOCK_M, BLOCK_D
+    )
     offs_k = tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = rows < LQ
-    d_ok = offs_d < D
-    lo, hi = row_ranges(LO, HI, b, rows, m_ok, stride_rb, stride_rm)
     w = tl.load(W + b * stride_wb + rows * stride_wm, mask=m_ok, other=0.0)
     valid = m_ok & (lo < hi) & (w > 0)
-    lse = tl.load(LSE + bh * LQ + rows, mask=m_ok, other=0.0) * 1.4426950408889634
-    lse = tl.where(valid, lse, 0.0)
+    lse = tl.where(valid, load_lse2(LSE, bh, LQ, rows, m_ok), 0.0)
     q = load_q_block(Q, b, h, rows, m_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd, True)
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)
     partial = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

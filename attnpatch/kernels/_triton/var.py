@@ -18,24 +18,23 @@ import triton
 import triton.language as tl
 
 from ..masking import KeyRanges
+from ..options import current_kernel_options
 from .common import (
     dot_precision,
-    head_map,
     key_loop_bounds,
-    load_kv_tile,
+    key_splits,
+    key_tile,
     load_q_block,
+    program_rows,
+    query_block,
     range_args,
     row_ranges,
-    scaled_logits,
+    softmax_step,
+    split_length,
     strides4,
     tiles,
     upcast,
 )
-from .flash import decode_group, key_splits
-
-# Decode splits the keys over programs when few query blocks would leave SMs idle; False keeps one program per query
-# block and head (kept to measure the two against each other).
-SPLIT_KEYS = True
 
 
 @triton.jit
@@ -47,18 +46,12 @@ def _class_tiles(
 ):  # fmt: skip
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        kt, v = load_kv_tile(
-            k_base, v_base, cols, offs_d, LK, D, stride_kn, stride_kd, stride_vn, stride_vd, MASKED, UPCAST, EVEN_D
-        )
         c = tl.load(cls_base + cols * stride_cn, mask=cols < LK, other=0).to(tl.int32)
-        s = scaled_logits(tl.dot(q, kt, input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
-        if MASKED:
-            seen = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-            s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        s, v = key_tile(
+            q, k_base, v_base, cols, lo, hi, offs_d, LK, D, stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap,
+            MASKED, HAS_SOFTCAP, UPCAST, PRECISION, EVEN_D,
+        )  # fmt: skip
+        p, alpha, m_i = softmax_step(s, m_i)
         is_sink = (c & 1) != 0
         is_image = (c & 2) != 0
         p_s = tl.where(is_sink[None, :], p, 0.0)
@@ -77,7 +70,6 @@ def _class_tiles(
             acc_i += tl.dot(p_n.to(v.dtype), v, input_precision=PRECISION)
         else:
             acc_o += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
     return acc_o, acc_s, acc_i, l_i, l_s, l_v, l_n, m_i
 
 
@@ -116,30 +108,18 @@ def _var_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_rb, stride_rm, stride_cb, stride_cn, stride_eb, stride_em,
-    H, LQ, LK, D, SPLIT_KEYS, scale, softcap, keep, rho, summ,
+    H, LQ, LK, D, SPLIT_LEN, scale, softcap, keep, rho, summ,
     CODE_RULE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    split = tl.program_id(2)  # PARTIAL: this program covers keys [split0, split1) and writes partial results
-    split0 = split * SPLIT_KEYS
-    split1 = split0 + SPLIT_KEYS
-    b = bh // H
-    h = bh % H
-    kvh = tl.load(KV_HEAD + h)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < LQ
-    d_ok = offs_d < D
-
-    lo, hi = row_ranges(LO, HI, b, offs_m, m_ok, stride_rb, stride_rm)
-    row_ok = m_ok & (lo < hi)
-    first, left_end, full_lo, mid_end, right_start, right_end = key_loop_bounds(
-        lo, hi, row_ok, LK, split0, split1, BLOCK_N
+    split = tl.program_id(2)  # PARTIAL: this program covers keys [split * SPLIT_LEN, (split + 1) SPLIT_LEN) only
+    bh, b, h, kvh, offs_m, m_ok, offs_d, d_ok, lo, hi = query_block(
+        LO, HI, KV_HEAD, H, LQ, D, stride_rb, stride_rm, BLOCK_M, BLOCK_D
     )
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = m_ok & (lo < hi)
+    first, left_end, full_lo, mid_end, right_start, right_end = key_loop_bounds(lo, hi, row_ok, LK, SPLIT_LEN, BLOCK_N)
 
     q = load_q_block(Q, b, h, offs_m, m_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd, UPCAST)
     k_base = K + b * stride_kb + kvh * stride_kh
@@ -260,10 +240,11 @@ def var_forward(
     """VAR output [B, Hq, Lq, D] (q's dtype, [B, L, H, D] memory) and the selection [B, Hq, Lq] bool.
 
     classes [B, Lk] int8 (bit 0 sink, bit 1 image); rows [B, Lq] bool: the rows VAR may change. num_splits: run the
-    keys in this many ranges and merge (None: by occupancy when `SPLIT_KEYS` is on, as the flash kernel does).
+    keys in this many ranges and merge (None: by occupancy when `KernelOptions.split_keys` is on, as the flash kernel
+    does).
     """
     b, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
+    lk = k.shape[2]
     out = torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)
     selected = torch.empty(b, hq, lq, dtype=torch.int8, device=q.device)  # flat (b, head, row) order: folds too
     lo, hi, srb, srm = range_args(ranges)
@@ -271,21 +252,16 @@ def var_forward(
     eligible = rows.to(device=q.device, dtype=torch.int8)
     seb, sem = eligible.stride()
     n_image = ((classes & 2) > 0).sum(-1).to(torch.float32)
-    group = decode_group(q, k, kv_head_index)
-    if group > 1:  # rows = the query heads of one kv head; all of them see the one query's keys
-        q, out_rows = (t.squeeze(2).unflatten(1, (hkv, group)) for t in (q, out))
+    folded, heads, (q, out_rows) = program_rows(q, k, kv_head_index, out)
+    if folded:  # rows = the query heads of one kv head; all of them see the one query's keys
         srm = sem = 0
-        heads = head_map(None, hkv, hkv, q.device)
-    else:
-        out_rows, heads = out, head_map(kv_head_index, hq, hkv, q.device)
     h, m = q.shape[1], q.shape[2]
     t = tiles(d, q.dtype, m, "var")
     block_m = min(t.block_m, 64)  # three accumulators per row
     programs = triton.cdiv(m, block_m) * b * h
     if num_splits is None:
-        num_splits = key_splits(programs, lk, t.block_n, q.device) if SPLIT_KEYS else 1
-    split_keys = triton.cdiv(triton.cdiv(lk, max(1, num_splits)), t.block_n) * t.block_n
-    splits = triton.cdiv(lk, split_keys)
+        num_splits = key_splits(programs, lk, t.block_n, q.device) if current_kernel_options().split_keys else 1
+    splits, split_len = split_length(lk, t.block_n, num_splits)
     partial = splits > 1
     stats = torch.empty(splits, 5, b * h, m, dtype=torch.float32, device=q.device) if partial else n_image
     accs = torch.empty(splits, 3, b * h, m, d, dtype=torch.float32, device=q.device) if partial else n_image
@@ -293,7 +269,7 @@ def var_forward(
     _var_fwd[(triton.cdiv(m, block_m), b * h, splits)](
         q, k, v, out_rows, selected, lo, hi, heads, classes, eligible, n_image, stats, accs,
         *strides4(q), *strides4(k), *strides4(v), *strides4(out_rows), srb, srm, *classes.stride(), seb, sem,
-        h, m, lk, d, split_keys, float(scale), float(softcap or 1.0), *rule.values(),
+        h, m, lk, d, split_len, float(scale), float(softcap or 1.0), *rule.values(),
         CODE_RULE=convention == "code", HAS_SOFTCAP=softcap is not None, UPCAST=upcast(q.dtype),
         PRECISION=dot_precision(q.dtype), PARTIAL=partial, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
         EVEN_D=t.block_d == d, num_warps=4, num_stages=t.num_stages,
