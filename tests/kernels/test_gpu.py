@@ -10,7 +10,6 @@ query rows that see a key; rows that see none (left padding) must be exactly 0.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -20,6 +19,8 @@ from attnpatch.kernels.act import act_attention
 from attnpatch.kernels.attention import attention
 from attnpatch.kernels.backend import ENV_VAR
 from attnpatch.kernels.masking import KeyRanges, padding_ranges
+
+from precision import fp32_matmuls
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -109,17 +110,6 @@ def eager_low(q, k, v, *, scale, ranges: KeyRanges, sinks=None, beta=1.0, heads_
                 p = p * torch.where(sw > 0, w_sink, c)  # a select: c may be huge where rest is tiny
             out[:, h0:h1, r0:r1] = p.to(q.dtype) @ vh
     return out
-
-
-@contextlib.contextmanager
-def fp32_matmuls():
-    """The fp32 reference must not use TF32."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def max_err(x, ref, rows):

@@ -8,31 +8,19 @@ dtype (eager vs sdpa) through the whole model, plus 0.01.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import attnpatch
 from attnpatch.kernels.backend import ENV_VAR
 
+from precision import fp32_matmuls
 from tiny_models import SINK, SINK_2, left_padded_batch, planted_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DEVICE = "cuda"
 BETA = 0.4
-
-
-@contextlib.contextmanager
-def fp32_matmuls():
-    """The fp32 reference must not use TF32."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def model_prompts(device=DEVICE):
