@@ -14,16 +14,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..integrations.structure import decoder_layers
+from ..integrations.structure import decoder_layers, layer_input
 
 
 class StopForward(Exception):
     """Raised by a capture hook to end a forward pass early."""
-
-
-def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a decoder layer's forward pre-hook receives (positional or keyword)."""
-    return args[0] if args else kwargs["hidden_states"]
 
 
 class Replay:

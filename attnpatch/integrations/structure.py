@@ -101,6 +101,11 @@ def text_decoder_layers(model: nn.Module) -> list[nn.Module]:
     return decoder_layers(language_model(model))
 
 
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer's forward pre-hook receives (positional or keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def image_token_id(model: nn.Module) -> int | None:
     """The token id that marks image positions in `input_ids`, or None for a model without one (text-only)."""
     config = getattr(model, "config", None)

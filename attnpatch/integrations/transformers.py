@@ -29,6 +29,7 @@ from .structure import (
     image_positions,
     image_token_id,
     language_model,
+    layer_input,
     num_query_heads,
 )
 
@@ -115,18 +116,25 @@ def _run_method(binding, module, query, key, value, attention_mask, kwargs, base
     return base() if result is None else result
 
 
+def _scale_and_causality(module: nn.Module, query: torch.Tensor, kwargs: dict) -> tuple[float, bool]:
+    """The softmax scale (the module's `scaling`, else 1/sqrt(head dim)) and whether the call is causal."""
+    scale = kwargs.get("scaling")
+    scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
+    return scale, bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+
+
 def _unpatched_maps(module: nn.Module, query, key, mask, kwargs) -> torch.Tensor:
     """The attention probabilities [B, Hq, Lq, Lk] eager attention would return for this call, in the query's dtype.
 
     `output_attentions=True` gets one map per layer on every base: the `sdpa` base returns none, so the layers it runs
     (and methods that leave the probabilities as they are) get them computed here."""
-    scale = kwargs.get("scaling")
+    scale, causal = _scale_and_causality(module, query, kwargs)
     probs = reference.attention_probs(
         query,
         key,
-        scale=float(scale) if scale is not None else query.shape[-1] ** -0.5,
+        scale=scale,
         mask=mask,
-        causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))),
+        causal=causal,
         sliding_window=kwargs.get("sliding_window"),
         softcap=kwargs.get("softcap"),
     )
@@ -140,7 +148,7 @@ def _make_call(binding, module, query, key, value, mask, kwargs, base) -> Attent
             f"attnpatch {binding.patch.method.name}: layer {binding.layer}'s attention ran outside a forward of the "
             "patched model's backbone (the patch learns the KV cache and padding from that forward); call the model"
         )
-    batch, _, lq, head_dim = query.shape
+    batch, _, lq, _ = query.shape
     lk = key.shape[2]
     past = ctx.past_length
     key_offset = past + lq - lk if lk <= past + lq else 0
@@ -148,7 +156,7 @@ def _make_call(binding, module, query, key, value, mask, kwargs, base) -> Attent
     pad = ctx.attention_mask
     if pad is not None and pad.dim() == 2 and pad.shape == (batch, past + lq):
         query_valid = pad[:, past:].to(device=query.device, dtype=torch.bool)
-    scale = kwargs.get("scaling")
+    scale, causal = _scale_and_causality(module, query, kwargs)
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attnpatch: learned attention-sink logits (s_aux, gpt-oss) are not supported yet")
     return AttentionCall(
@@ -157,8 +165,8 @@ def _make_call(binding, module, query, key, value, mask, kwargs, base) -> Attent
         key=key,
         value=value,
         mask=mask,
-        scale=float(scale) if scale is not None else head_dim**-0.5,
-        causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))),
+        scale=scale,
+        causal=causal,
         base=base,
         dropout=float(kwargs.get("dropout", 0.0) or 0.0),
         sliding_window=kwargs.get("sliding_window"),
@@ -334,7 +342,7 @@ class TransformersIntegration:
         patch.method.start_forward(context)
         patch.method.note_state(context.state)
         if cache is not None and context.state is not None:
-            cache.__dict__.setdefault(STATES, {})[patch.key] = context.state
+            keep_sequence_state(cache, patch.key, context.state)
         stack = self._local.__dict__.setdefault("stack", [])
         stack.append(context)
 
@@ -344,7 +352,7 @@ class TransformersIntegration:
         method = self._patch.method
         if past == 0:
             return method.new_state()
-        state = getattr(cache, "__dict__", {}).get(STATES, {}).get(self._patch.key)
+        state = sequence_state(cache, self._patch.key)
         if state is None and method.new_state() is not None:
             raise RuntimeError(
                 f"attnpatch {method.name}: this KV cache holds {past} tokens that this patch did not see (it was "
@@ -363,14 +371,14 @@ class TransformersIntegration:
             return
         cache = getattr(output, "past_key_values", None)
         if cache is not None and hasattr(cache, "get_seq_length"):
-            cache.__dict__.setdefault(STATES, {})[self._patch.key] = context.state
+            keep_sequence_state(cache, self._patch.key, context.state)
 
     @_outside_graphs
     def _observe_layer_input(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Hand the residual stream entering decoder layer `layer` to the method."""
         context = self.current()
         if context is not None:
-            self._patch.method.observe_layer_input(layer, args[0] if args else kwargs["hidden_states"], context)
+            self._patch.method.observe_layer_input(layer, layer_input(args, kwargs), context)
 
     def detach(self) -> None:
         self._set_implementation(lambda name: name.removeprefix(NAME_PREFIX))
@@ -411,3 +419,8 @@ def _forward_arguments(cls: type, args: tuple, kwargs: dict) -> dict:
 def sequence_state(cache: Any, key: str) -> Any:
     """The state a patch (by its key) keeps with a KV cache, or None."""
     return getattr(cache, "__dict__", {}).get(STATES, {}).get(key)
+
+
+def keep_sequence_state(cache: Any, key: str, state: Any) -> None:
+    """Keep `state` with the KV cache (an attribute of the cache object: a deep copy of the cache copies it)."""
+    cache.__dict__.setdefault(STATES, {})[key] = state

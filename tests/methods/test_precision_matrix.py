@@ -17,7 +17,7 @@ import torch
 import attnpatch
 import attnpatch.methods.act as act_method
 import attnpatch.methods.var as var_method
-from attnpatch.integrations.structure import text_decoder_layers
+from attnpatch.integrations.structure import layer_input, text_decoder_layers
 from attnpatch.kernels import backend, reference
 
 from tiny_models import (
@@ -144,7 +144,7 @@ def test_var_matches_the_float64_oracle(dtype, base, geometry, path, monkeypatch
 
     def keep_input(index: int):
         def hook(_module, args, kwargs) -> None:
-            hidden.setdefault(index, args[0] if args else kwargs["hidden_states"])
+            hidden.setdefault(index, layer_input(args, kwargs))
 
         return hook
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...integrations.structure import text_decoder_layers
+from ...integrations.structure import layer_input, text_decoder_layers
 from ...methods.var import massive_ratios
-from ..replay import StopForward, layer_input
+from ..replay import StopForward
 
 DEFAULT_TEXTS = (
     "The quick brown fox jumps over the lazy dog. It was a sunny afternoon.\nThen the rain started.",
