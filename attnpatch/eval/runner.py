@@ -1,5 +1,6 @@
 """A/B evaluation: several configurations (unpatched, a method with options, a calibrated profile) scored on the same
-items of several tasks, with bootstrap intervals and paired tests against the first configuration.
+items of several tasks, under lm-eval's two metrics (`acc`, `acc_norm`), with bootstrap intervals and paired tests
+against the first configuration (McNemar p, Holm-adjusted over the report).
 
 Under `accelerate launch` each process scores a shard of every task's items and the per-item results are gathered,
 so the report is the same as a single-process run's.
@@ -15,8 +16,9 @@ from typing import Any
 
 from ..distributed import Processes
 from .configs import Config, describe, patch_context
-from .scoring import Normalize, score_items
-from .stats import bootstrap_ci, paired_comparison
+from .metrics import DESCRIPTIONS, METRICS, check_metrics, pick
+from .scoring import option_logprobs
+from .stats import bootstrap_ci, holm, paired_comparison
 from .tasks import Item, load_task
 
 
@@ -40,8 +42,12 @@ class SavedReport:
 
 @dataclass
 class EvalReport(SavedReport):
-    """Per task and configuration: accuracy, its 95% bootstrap interval, and the paired comparison with the first
-    configuration (diff, its interval, McNemar p)."""
+    """Per task, configuration and metric (`acc`, `acc_norm`, see `metrics`): accuracy, its 95% bootstrap interval,
+    and the paired comparison with the first configuration (diff, its interval, McNemar p, and p_holm: Holm's
+    adjustment over every comparison of that metric in the report).
+
+    results[task][config] = {"n": n, metric: {"accuracy", "ci", "paired"}}; `items[task]`, when kept, holds the item
+    ids, labels and every configuration's per-option log-likelihoods (lm-eval's harness: its per-item metrics)."""
 
     model: str
     configs: dict[str, Any]
@@ -49,39 +55,75 @@ class EvalReport(SavedReport):
     shots: int
     part: str
     limit: int | None
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    harness: str = "attnpatch"
     results: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def reference(self) -> str:
         return next(iter(self.configs))
 
-    def average(self, config: str) -> float:
+    def average(self, config: str, metric: str = "acc_norm") -> float:
         """Unweighted mean accuracy over the tasks."""
-        return sum(self.results[t][config]["accuracy"] for t in self.tasks) / len(self.tasks)
+        return sum(self.results[t][config][metric]["accuracy"] for t in self.tasks) / len(self.tasks)
+
+    def add(self, task: str, correct: Mapping[str, Mapping[str, Sequence[bool]]], seed: int = 0) -> None:
+        """Summarise one task from per-item correctness, correct[config][metric], paired with the first config."""
+        self.results[task] = {}
+        for name, by_metric in correct.items():
+            row: dict[str, Any] = {"n": len(next(iter(by_metric.values())))}
+            for metric in self.metrics:
+                values = list(by_metric[metric])
+                cell: dict[str, Any] = {"accuracy": sum(values) / len(values), "ci": bootstrap_ci(values, seed=seed)}
+                if name != self.reference:
+                    cell["paired"] = paired_comparison(correct[self.reference][metric], values, seed=seed)
+                row[metric] = cell
+            self.results[task][name] = row
+        self._adjust()
+
+    def _adjust(self) -> None:
+        for metric in self.metrics:
+            cells = [
+                row[metric]["paired"]
+                for task in self.results.values()
+                for row in task.values()
+                if "paired" in row[metric]
+            ]
+            for cell, p in zip(cells, holm([c["p_mcnemar"] for c in cells]), strict=True):
+                cell["p_holm"] = p
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["average"] = {name: self.average(name) for name in self.configs}
+        data["average"] = {m: {name: self.average(name, m) for name in self.configs} for m in self.metrics}
+        data["metric_definitions"] = {m: DESCRIPTIONS[m] for m in self.metrics}
         return data
 
-    def to_markdown(self) -> str:
+    def table(self, metric: str) -> str:
+        """One markdown table of `metric`: accuracy per task and config, with the paired comparison."""
         names = list(self.configs)
-        head = "| task | n | " + " | ".join(names) + " |"
-        lines = [head, "|" + "---|" * (len(names) + 2)]
+        lines = ["| task | n | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
         for task in self.tasks:
             cells = []
             for name in names:
-                r = self.results[task][name]
+                r = self.results[task][name][metric]
                 cell = f"{r['accuracy']:.3f}"
                 if name != self.reference:
                     p = r["paired"]
                     lo, hi = p["diff_ci"]
-                    cell += f" ({100 * p['diff']:+.1f}, CI {100 * lo:+.1f}..{100 * hi:+.1f}, p={p['p_mcnemar']:.2g})"
+                    cell += (
+                        f" ({100 * p['diff']:+.1f}, CI {100 * lo:+.1f}..{100 * hi:+.1f}, p={p['p_mcnemar']:.2g}, "
+                        f"Holm {p['p_holm']:.2g})"
+                    )
                 cells.append(cell)
             lines.append(f"| {task} | {self.results[task][names[0]]['n']} | " + " | ".join(cells) + " |")
-        lines.append("| average | | " + " | ".join(f"{self.average(n):.3f}" for n in names) + " |")
+        lines.append("| average | | " + " | ".join(f"{self.average(n, metric):.3f}" for n in names) + " |")
         return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        blocks = [f"**{m}** ({DESCRIPTIONS[m]}; {self.harness})\n\n{self.table(m)}" for m in self.metrics]
+        return "\n\n".join(blocks)
 
 
 def evaluate(
@@ -95,7 +137,8 @@ def evaluate(
     part: str = "eval",
     seed: int = 0,
     batch_size: int = 16,
-    normalize: Normalize = "chars",
+    metrics: Sequence[str] = METRICS,
+    keep_items: bool = False,
     model_name: str = "",
     progress: bool = True,
 ) -> EvalReport:
@@ -103,6 +146,8 @@ def evaluate(
 
     configs: {name: None (unpatched) | {"method": "act", **options} | Profile}; the first is the reference of the
     paired comparisons (default: just the unpatched model). tasks: names, or {name: items} for your own items.
+    Each configuration's log-likelihoods are computed once and every metric of `metrics` is read from them;
+    `keep_items` stores them, with the item ids and labels, in `report.items`.
     """
     configs = dict(configs or {"unpatched": None})
     processes = Processes()
@@ -113,6 +158,7 @@ def evaluate(
         shots=shots,
         part=part,
         limit=limit,
+        metrics=list(check_metrics(metrics)),
     )
     for task in tasks:
         if isinstance(tasks, Mapping):
@@ -120,31 +166,27 @@ def evaluate(
         else:
             items = load_task(task, shots=shots, limit=limit, seed=seed, part=part)
         mine = processes.shard(len(items))
-        correct: dict[str, list[bool]] = {}
+        correct: dict[str, dict[str, list[bool]]] = {}
+        logprobs: dict[str, list[list[float]]] = {}
         for name, config in configs.items():
             started = time.perf_counter()
             with patch_context(model, config):
-                preds = score_items(
+                values = option_logprobs(
                     model,
                     tokenizer,
                     [items[i] for i in mine],
                     batch_size=batch_size,
-                    normalize=normalize,
                     progress=progress and processes.main,
                     desc=f"{name} · {task}",
                 )
-            local = [(i, p == items[i].label) for i, p in zip(mine, preds, strict=True)]
-            correct[name] = [c for _, c in sorted(processes.gather(local))]
-            report.seconds[f"{task}/{name}"] = time.perf_counter() - started
-        reference = correct[report.reference]
-        report.results[task] = {}
-        for name, values in correct.items():
-            row: dict[str, Any] = {
-                "n": len(values),
-                "accuracy": sum(values) / len(values),
-                "ci": bootstrap_ci(values, seed=seed),
+            logprobs[name] = [lp for _, lp in sorted(processes.gather(list(zip(mine, values, strict=True))))]
+            correct[name] = {
+                m: [pick(lp, it.options, m) == it.label for lp, it in zip(logprobs[name], items, strict=True)]
+                for m in report.metrics
             }
-            if name != report.reference:
-                row["paired"] = paired_comparison(reference, values, seed=seed)
-            report.results[task][name] = row
+            report.seconds[f"{task}/{name}"] = time.perf_counter() - started
+        report.add(task, correct, seed=seed)
+        if keep_items:
+            ids, labels = [it.id for it in items], [it.label for it in items]
+            report.items[task] = {"ids": ids, "labels": labels, "logprobs": logprobs}
     return report

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from .metrics import continuation_length
 from .tasks import Item
 
 Normalize = Literal["chars", "tokens", "none"]
@@ -183,18 +184,21 @@ def _score(model, tokenizer, items: Sequence[Item], batch_size: int, progress: b
     return rows.logprobs(progress=progress, desc=desc), rows.n_tokens
 
 
-def option_logprobs(model, tokenizer, items: Sequence[Item], *, batch_size: int = 16, progress: bool = True):
+def option_logprobs(
+    model, tokenizer, items: Sequence[Item], *, batch_size: int = 16, progress: bool = True, desc: str = "scoring"
+):
     """Summed log-probability of each option's tokens given the item's context: list (items) of lists (options).
 
-    The model should be in eval mode; `batch_size` counts padded sequences per forward.
+    The model should be in eval mode; `batch_size` counts padded sequences per forward; `desc` labels the progress bar.
     """
-    return _score(model, tokenizer, items, batch_size, progress)[0]
+    return _score(model, tokenizer, items, batch_size, progress, desc)[0]
 
 
 def choose(logprobs: Sequence[float], options: Sequence[str], n_tokens: Sequence[int], normalize: Normalize) -> int:
-    """Index of the best option: max log-prob, per character ("chars"), per token ("tokens") or raw ("none")."""
+    """Index of the best option: max log-prob per character ("chars": lm-eval's acc_norm, the option's length without
+    its leading space, see `metrics`), per token ("tokens") or raw ("none": lm-eval's acc); first on ties."""
     if normalize == "chars":
-        scores = [lp / max(len(o), 1) for lp, o in zip(logprobs, options, strict=True)]
+        scores = [lp / continuation_length(o) for lp, o in zip(logprobs, options, strict=True)]
     elif normalize == "tokens":
         scores = [lp / n for lp, n in zip(logprobs, n_tokens, strict=True)]
     elif normalize == "none":

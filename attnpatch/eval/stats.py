@@ -1,4 +1,5 @@
-"""Accuracy, bootstrap confidence intervals and paired A/B comparison (exact McNemar test)."""
+"""Accuracy, bootstrap confidence intervals, paired A/B comparison (exact McNemar test) and multiple-testing
+corrections (Holm, Benjamini-Hochberg)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,24 @@ def paired_comparison(correct_a, correct_b, *, n_boot: int = 2000, alpha: float 
         "b_only": b_only,
         "p_mcnemar": mcnemar_exact(a_only, b_only),
     }
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (family-wise error), in the input order."""
+    p = np.asarray(pvalues, dtype=float)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.maximum.accumulate((p.size - np.arange(p.size)) * p[order]).clip(max=1.0)
+    out = np.empty_like(p)
+    out[order] = adjusted
+    return out.tolist()
+
+
+def benjamini_hochberg(pvalues: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (false discovery rate), in the input order."""
+    p = np.asarray(pvalues, dtype=float)
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * p.size / np.arange(1, p.size + 1)
+    adjusted = np.minimum.accumulate(scaled[::-1])[::-1].clip(max=1.0)
+    out = np.empty_like(p)
+    out[order] = adjusted
+    return out.tolist()

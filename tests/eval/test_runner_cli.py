@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from attnpatch.cli import UsageError, _candidates, _options, _parser
+from attnpatch.eval.metrics import pick
 from attnpatch.eval.runner import evaluate
 
 from calibration_fixtures import planted_helpful_model, planted_items, word_tokenizer
@@ -19,15 +21,37 @@ def test_report_pairs_every_config_with_the_first(tmp_path):
         "act": {"method": "act", "heads": {1: [2]}},
         "other head": {"method": "act", "heads": {0: [0]}},
     }
-    report = evaluate(model, tok, {"planted": items}, configs=configs, batch_size=4, progress=False)
+    report = evaluate(model, tok, {"planted": items}, configs=configs, batch_size=4, keep_items=True, progress=False)
     rows = report.results["planted"]
-    assert rows["unpatched"]["n"] == 8 and "paired" not in rows["unpatched"]
-    assert rows["other head"]["paired"]["diff"] == 0.0 and rows["other head"]["paired"]["p_mcnemar"] == 1.0
-    assert rows["act"]["accuracy"] >= rows["unpatched"]["accuracy"]
+    assert report.metrics == ["acc", "acc_norm"] and rows["unpatched"]["n"] == 8
+    for metric in report.metrics:
+        assert "paired" not in rows["unpatched"][metric]
+        other = rows["other head"][metric]["paired"]
+        assert other["diff"] == 0.0 and other["p_mcnemar"] == 1.0 and other["p_holm"] == 1.0
+        assert rows["act"][metric]["accuracy"] >= rows["unpatched"][metric]["accuracy"]
+        act = rows["act"][metric]["paired"]
+        assert act["p_holm"] == pytest.approx(min(1.0, 2 * act["p_mcnemar"]))  # 2 comparisons, "other head" has p=1
+    # the per-item log-likelihoods give back both metrics' accuracies
+    kept = report.items["planted"]
+    assert kept["ids"] == [it.id for it in items] and kept["labels"] == [it.label for it in items]
+    for name in configs:
+        for metric in report.metrics:
+            picks = [pick(lp, it.options, metric) for lp, it in zip(kept["logprobs"][name], items, strict=True)]
+            right = [p == it.label for p, it in zip(picks, items, strict=True)]
+            assert rows[name][metric]["accuracy"] == np.mean(right)
     json_path, md_path = report.save(str(tmp_path / "r"))
-    assert json.load(open(json_path))["average"]["act"] == pytest.approx(report.average("act"))
-    table = open(md_path).read()
-    assert table.startswith("| task | n | unpatched | act | other head |") and "| planted | 8 |" in table
+    saved = json.load(open(json_path))
+    assert saved["average"]["acc"]["act"] == pytest.approx(report.average("act", "acc"))
+    assert saved["average"]["acc_norm"]["act"] == pytest.approx(report.average("act"))
+    assert set(saved["metric_definitions"]) == {"acc", "acc_norm"}
+    text = open(md_path).read()
+    assert text.startswith("**acc** (") and "\n**acc_norm** (" in text
+    assert text.count("| task | n | unpatched | act | other head |") == 2 and text.count("| planted | 8 |") == 2
+    only = evaluate(model, tok, {"planted": items}, configs=configs, batch_size=4, metrics=["acc"], progress=False)
+    assert only.metrics == ["acc"] and "acc_norm" not in only.results["planted"]["act"]
+    assert only.results["planted"]["act"]["acc"] == rows["act"]["acc"]
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate(model, tok, {"planted": items}, metrics=["f1"], progress=False)
 
 
 def test_cli_helpers():

@@ -298,8 +298,8 @@ def test_score_items_normalization(model, tokenizer, normalize):
     lps = option_logprobs(model, tokenizer, ITEMS, progress=False)
     preds = score_items(model, tokenizer, ITEMS, batch_size=4, normalize=normalize, progress=False)
     for item, lp, pred in zip(ITEMS, lps, preds, strict=True):
-        if normalize == "chars":
-            scores = [v / len(o) for v, o in zip(lp, item.options, strict=True)]
+        if normalize == "chars":  # lm-eval's acc_norm: the length without the option's leading space
+            scores = [v / len(o.removeprefix(" ")) for v, o in zip(lp, item.options, strict=True)]
         elif normalize == "tokens":
             counts = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in item.options]
             scores = [v / n for v, n in zip(lp, counts, strict=True)]
