@@ -12,7 +12,13 @@ The rows outside the demonstration pool are split once more, by their position i
 the parts, and the demonstrations (`Item.demo_ids`), can be checked for overlap by id. `task_sizes()` counts each part.
 
 Prompts are written in the zero/few-shot log-likelihood ("cloze") style of lm-eval-harness and the OLMo evaluations:
-each option is a continuation of the context starting with a space, scored by its log-probability.
+each option is a continuation of the context starting with a space, scored by its log-probability. At 0 shots they
+are lm-eval's default templates (lm-eval 0.4: arc_easy, arc_challenge, piqa, boolq, hellaswag, openbookqa, cb; mmlu is
+`mmlu_continuation`), the same strings item by item (`attnpatch.eval.harness`, tests/eval/test_harness.py), except:
+copa (lm-eval's choices carry a space of their own on top of the target delimiter, so its options start with two
+spaces; ours with one), sst2 (ours "Review: ...\nSentiment:"; lm-eval's "{sentence}\nQuestion: Is this sentence
+positive or negative?\nAnswer:") and commonsense_qa (lm-eval's default lists lettered choices and scores the letter;
+ours scores each answer text). Few-shot demonstrations are drawn at random from the pool; lm-eval's vary by task.
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ def _sst2(row: dict) -> Formatted:
 
 
 def _piqa(row: dict) -> Formatted:
-    return f"Goal: {row['goal']}\nAnswer:", [f" {row['sol1']}", f" {row['sol2']}"], int(row["label"])
+    return f"Question: {row['goal']}\nAnswer:", [f" {row['sol1']}", f" {row['sol2']}"], int(row["label"])
 
 
 def _boolq(row: dict) -> Formatted:
@@ -79,23 +85,16 @@ def _boolq(row: dict) -> Formatted:
 
 
 def _hellaswag_clean(text: str) -> str:
-    """Drop the WikiHow markup ("[header] ... [title] ... [step] ..."): a title ends a sentence, other tags go.
-
-    As lm-eval-harness's preprocessing, except that no second full stop is added after one already there and every
-    run of spaces, not only pairs, becomes one space (the harness leaves "  Many" in endings that began with a tag).
-    """
-    if "[" in text:
-        pieces = [piece.strip() for piece in re.sub(r"\[(?!title\])[^\]]*\]", " ", text).split("[title]")]
-        for i, piece in enumerate(pieces[:-1]):
-            if piece and piece[-1] not in ".!?":
-                pieces[i] = piece + "."
-        text = " ".join(pieces)
-    return " ".join(text.split())
+    """lm-eval-harness's preprocessing of the WikiHow markup, verbatim: " [title]" becomes ". ", other "[...]" tags
+    go, and each pair of spaces becomes one (so "  " can remain, and a title after a full stop gives "..")."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
 
 
 def _hellaswag(row: dict) -> Formatted:
-    ctx = " ".join(part for part in (row["ctx_a"], row["ctx_b"].capitalize()) if part)
-    context = _hellaswag_clean(f"{row['activity_label']}: {ctx}")
+    context = _hellaswag_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
     return context, [f" {_hellaswag_clean(e)}" for e in row["endings"]], int(row["label"])
 
 
@@ -115,11 +114,8 @@ def _copa(row: dict) -> Formatted:
 
 
 def _cb(row: dict) -> Formatted:
-    """Labels: 0 entailment -> True, 1 contradiction -> False, 2 neutral -> Neither."""
-    hypothesis = row["hypothesis"].strip()
-    if not hypothesis.endswith((".", "?", "!")):
-        hypothesis += "."
-    context = f"{row['premise'].strip()}\nQuestion: {hypothesis} True, False or Neither?\nAnswer:"
+    """Labels: 0 entailment -> True, 1 contradiction -> False, 2 neutral -> Neither (lm-eval's template)."""
+    context = f"{row['premise']}\nQuestion: {row['hypothesis']}. True, False, or Neither?\nAnswer:"
     return context, [" True", " False", " Neither"], int(row["label"])
 
 
@@ -130,12 +126,12 @@ def _commonsense_qa(row: dict) -> Formatted:
 
 
 def _mmlu(row: dict) -> Formatted:
-    options = [f" {str(c).strip()}" for c in row["choices"]]
+    options = [f" {c}" for c in row["choices"]]
     return f"Question: {row['question'].strip()}\nAnswer:", options, int(row["answer"])
 
 
 def _mmlu_preamble(row: dict) -> str:
-    return f"The following are multiple choice questions (with answers) about {row['subject'].replace('_', ' ')}.\n\n"
+    return f"The following are questions (with answers) about {row['subject'].replace('_', ' ')}.\n\n"
 
 
 MMLU_SUBJECTS = (
@@ -375,6 +371,17 @@ def load_task(
                 context = spec.preamble(row) + context
             items.append(Item(context, options, label, item_id, demo_ids))
     return items
+
+
+def task_rows(name: str, *, part: str = "eval", limit: int | None = None) -> list[tuple[str, dict]]:
+    """(id, raw dataset row) of the items `load_task(name, part=part, limit=limit)` gives, in the same order: what
+    another harness (lm-eval) formats with its own templates."""
+    spec = _spec(name)
+    _check_part(part)
+    out = []
+    for source in _sources(name, spec, spec.split):
+        out += [(item_id, row) for index, item_id, row in source.rows if _in_part(index, part)]
+    return out[:limit]
 
 
 def task_sizes(names: list[str] | None = None) -> dict[str, dict[str, int]]:

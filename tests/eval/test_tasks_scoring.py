@@ -139,7 +139,7 @@ def test_prompt_formats():
     assert boolq.context.endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
     assert (boolq.options, boolq.label) == ([" no", " yes"], 0)
     piqa = load_task("piqa", limit=1)[0]
-    assert piqa.context.startswith("Goal: How do I ready a guinea pig cage") and piqa.context.endswith("\nAnswer:")
+    assert piqa.context.startswith("Question: How do I ready a guinea pig cage") and piqa.context.endswith("\nAnswer:")
 
 
 @needs_data
@@ -150,11 +150,12 @@ def test_prompt_formats_new_tasks():
     wikihow = load_task("hellaswag", part="all", limit=3244)[-1]  # raw: "[header] How to ... [title] Obtain ..."
     assert wikihow.id == "hellaswag/validation/3243"
     assert wikihow.context.startswith("Personal Care and Style: How to become a fashion consultant. Obtain your high")
-    assert wikihow.options[0].startswith(" Many high schools have classes")  # raw: "[substeps] Many ..."
-    assert wikihow.options[0].endswith(" your field. Search for entry-level positions in fashion industries.")
+    # lm-eval's preprocessing, verbatim: a tag at the start leaves two spaces, " [title]" after "." gives ".."
+    assert wikihow.options[0].startswith("  Many high schools have classes")  # raw: "[substeps] Many ..."
+    assert wikihow.options[0].endswith(" your field.. Search for entry-level positions in fashion industries.")
     for it in load_task("hellaswag", part="all"):
         text = it.context + "|".join(it.options)
-        assert "  " not in text and "[title]" not in text and "[step]" not in text
+        assert "[title]" not in text and "[step]" not in text
     obqa = load_task("openbookqa", limit=1)[0]
     assert obqa.context.startswith("Frilled sharks") and obqa.context.endswith("which is why they are known as")
     assert obqa.options[obqa.label] == " Deep sea animals"
@@ -165,7 +166,7 @@ def test_prompt_formats_new_tasks():
     assert not cause.context.endswith(". because")
     cb = load_task("cb", limit=1)[0]
     assert cb.context.startswith("Valence the void-brain")
-    assert cb.context.endswith("\nQuestion: Valence was helping. True, False or Neither?\nAnswer:")
+    assert cb.context.endswith("\nQuestion: Valence was helping. True, False, or Neither?\nAnswer:")
     assert (cb.options, cb.label) == ([" True", " False", " Neither"], 1)
     csqa = load_task("commonsense_qa", limit=1)[0]
     assert csqa.context.startswith("Question: A revolving door is convenient") and csqa.context.endswith("\nAnswer:")
@@ -173,7 +174,7 @@ def test_prompt_formats_new_tasks():
     mmlu = load_task("mmlu", limit=1)[0]
     assert mmlu.id == "mmlu/test/abstract_algebra/0"
     assert mmlu.context == (
-        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "The following are questions (with answers) about abstract algebra.\n\n"
         "Question: Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\nAnswer:"
     )
     assert (mmlu.options, mmlu.label) == ([" 0", " 4", " 2", " 6"], 1)
@@ -190,7 +191,7 @@ def test_mmlu_subjects_concatenated_and_consistent():
     assert [it.id.replace(f"mmlu_{subject}/", "mmlu/") for it in alone] == [it.id for it in whole]
     assert [(it.context, it.options, it.label) for it in alone] == [(it.context, it.options, it.label) for it in whole]
     first = whole[0]
-    assert first.context.startswith("The following are multiple choice questions (with answers) about anatomy.")
+    assert first.context.startswith("The following are questions (with answers) about anatomy.")
     assert first.context.count("The following are") == 1 and first.context.count("\nAnswer:") == 6
     assert all(d.startswith(f"mmlu/dev/{subject}/") for d in first.demo_ids)
     with pytest.raises(ValueError, match="demonstration pool has 5 rows"):
