@@ -42,7 +42,8 @@ def probability_blocks(call: AttentionCall, *, block_elements: int = DEFAULT_BLO
             take_heads(q, q_idx), take_heads(k, kv_idx), scale=call.scale, softcap=call.softcap, mask=call.mask,
             causal=call.causal, sliding_window=call.sliding_window, block_elements=block_elements,
         )  # fmt: skip
-        for r0, r1, logits in blocks:
+        for r0, r1, k0, k1, logits in blocks:
+            logits = torch.nn.functional.pad(logits, (k0, blocks.lk - k1), value=float("-inf"))
             visible = torch.isfinite(logits)
             lse = torch.logsumexp(logits, dim=-1)
             yield ProbBlock(r0, r1, q_idx, probs_(logits, lse), visible)

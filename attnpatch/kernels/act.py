@@ -8,7 +8,9 @@ elsewhere. Neither keeps a [B, H, Lq, Lk] tensor.
 The Triton path runs A (flash kernel), B (column-mass kernel; in a decode step, the probabilities from the logits
 that A writes, so K is read once) and C as a gather over the few sink keys with the closed form
 o' = beta A_S + c (o - A_S); rows with S close to 1, where that subtraction loses precision, are recomputed
-exactly. The PyTorch path fuses A+B and recomputes logits in C, one block of rows at a time.
+exactly. The PyTorch path does the same: A on PyTorch's CPU flash kernel where it takes the call (else blocks), B
+as blocked matrix products that skip the keys no row of a block sees, C as the same gather and closed form. With
+`return_probs` it recomputes C block by block instead.
 Statistics, softmax and accumulation run in float32 whatever the input dtype. GQA reads each query head's K/V
 group directly (no repeated K/V).
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import backend
+from .attention import _attention_torch
 from .blocks import (
     DEFAULT_BLOCK_ELEMENTS,
     default_kv_heads,
@@ -27,15 +30,22 @@ from .blocks import (
     probs_,
     replica_groups,
     take_heads,
-    visible_count,
 )
-from .column_mass import ColumnStats, column_mass_from_logits
-from .masking import KeyRanges, MaskMemo, ranges_visible_count
+from .column_mass import ColumnStats, _column_mass_torch, column_mass_from_logits
+from .masking import (
+    KeyRanges,
+    MaskMemo,
+    columns_bias_and_visibility,
+    ranges_visible_count,
+    rows_bias_and_visibility,
+)
 from .options import current_kernel_options
 
-# Rows whose non-sink mass 1 - S is below this are recomputed exactly on the Triton path (the closed form divides
-# the rounding error of o - A_S by 1 - S).
+# Rows whose non-sink mass 1 - S is below this are recomputed exactly (the closed form multiplies the rounding error
+# of o - A_S by c = 1 + (1 - beta) S / (1 - S)). The PyTorch path keeps c <= 1 + 9 (1 - beta), which holds float32
+# outputs within 1e-5 of the float64 oracle; the Triton path, whose recomputation is costlier, allows c up to 33.
 CLOSED_FORM_GUARD = 0.03
+TORCH_CLOSED_FORM_GUARD = 0.1
 
 
 @dataclass
@@ -108,7 +118,8 @@ def act_attention(
             kv_head_index=kv_head_index, history=history, key_offset=key_offset, select=select,
         )  # fmt: skip
     return _act_torch(
-        q, k, v, scale=scale, beta=beta, mask=mask, causal=causal, sliding_window=sliding_window, softcap=softcap,
+        q, k, v, scale=scale, beta=beta, mask=mask if ranges is None else ranges, causal=causal,
+        sliding_window=sliding_window, softcap=softcap,
         query_valid=query_valid, kv_head_index=kv_head_index, history=history, key_offset=key_offset, select=select,
         return_probs=return_probs, block_elements=block_elements,
     )  # fmt: skip
@@ -132,57 +143,94 @@ def _act_torch(
     q, k, v, *, scale, beta, mask, causal, sliding_window, softcap, query_valid, kv_head_index, history, key_offset,
     select, return_probs, block_elements,
 ) -> ActOutput:  # fmt: skip
+    lk = k.shape[2]
+    geometry = dict(mask=mask, causal=causal, sliding_window=sliding_window)
+    heads = dict(scale=scale, softcap=softcap, kv_head_index=kv_head_index, block_elements=block_elements)
+    # pass A: output and log-sum-exp (PyTorch's flash kernel where it takes the call)
+    plain, lse = _attention_torch(q, k, v, out_dtype=torch.float32, **heads, **geometry)
+    # pass B: column mass as blocked products with exp(s - lse), skipping keys no row of a block sees
+    mass = _column_mass_torch(q, k, lse, query_valid=query_valid, **heads, **geometry)
+    stats = _accumulate(history, mass.colsum, mass.count, key_offset)
+    sinks = select_sinks(stats, **select)[..., key_offset : key_offset + lk]
+    # pass C: the calibrated output
+    if return_probs:
+        out, probs = _calibrated_blocks(q, k, v, lse, sinks, query_valid, beta=beta, **heads, **geometry)
+        return ActOutput(out=out, stats=stats, sinks=sinks, probs=probs)
+    out = _sink_correction_torch(q, k, v, plain, lse, sinks, query_valid, beta=beta, **heads, **geometry)
+    return ActOutput(out=out, stats=stats, sinks=sinks)
+
+
+def _calibrated_blocks(
+    q, k, v, lse, sinks, query_valid, *, scale, beta, softcap, kv_head_index, block_elements, mask, causal,
+    sliding_window,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """ACT's output and its [B, Hq, Lq, Lk] probabilities, recomputed block by block (for output_attentions)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    device = q.device
-    kv_head_index = kv_head_index.cpu()
-    geometry = dict(mask=mask, causal=causal, sliding_window=sliding_window)
-    logit_options = dict(scale=scale, softcap=softcap, block_elements=block_elements, **geometry)
-    groups = replica_groups(kv_head_index, hkv)
-
-    # pass A+B: log-sum-exp per row and column mass per key
-    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=device)
-    colsum = torch.zeros(b, hq, lk, dtype=torch.float32, device=device)
-    row_weight = query_valid.float()[:, None, None, :]  # [B, 1, 1, Lq]: a row vector per sequence
-    block_rows = lq
-    for q_idx, kv_idx in groups:
-        blocks = group_blocks(q, k, q_idx, kv_idx, **logit_options)
-        block_rows = min(block_rows, blocks.rows)
-        q_dev = q_idx.to(device)
-        for r0, r1, logits in blocks:
-            block_lse = torch.logsumexp(logits, dim=-1)
-            lse[:, q_dev, r0:r1] = block_lse
-            colsum[:, q_dev] += (row_weight[..., r0:r1] @ probs_(logits, block_lse)).squeeze(2)
-    count = visible_count(
-        mask,
-        query_valid,
-        lq,
-        lk,
-        causal=causal,
-        sliding_window=sliding_window,
-        block_rows=max(1, block_rows),
-        device=device,
-    )
-
-    # select: running statistic over absolute key positions
-    stats = _accumulate(history, colsum, count, key_offset)
-    sinks = select_sinks(stats, **select)[..., key_offset : key_offset + lk]
-
-    # pass C: calibrated output
-    out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=device)
-    probs_out = torch.empty(b, hq, lq, lk, dtype=torch.float32, device=device) if return_probs else None
+    out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=q.device)
+    probs = torch.zeros(b, hq, lq, lk, dtype=torch.float32, device=q.device)
     valid = query_valid[:, None, :]
-    for q_idx, kv_idx in groups:
-        q_dev = q_idx.to(device)
+    for q_idx, kv_idx in replica_groups(kv_head_index.cpu(), hkv):
+        q_dev = q_idx.to(q.device)
         group_sinks = sinks[:, q_dev]  # [B, n, Lk]
         v_group = take_heads(v, kv_idx).float()
-        blocks = group_blocks(q, k, q_idx, kv_idx, **logit_options)
-        for r0, r1, logits in blocks:
-            p = calibrate_(probs_(logits, lse[:, q_dev, r0:r1]), group_sinks, beta=beta, rows=valid[:, :, r0:r1])
-            out[:, q_dev, r0:r1] = (p @ v_group).to(q.dtype)
-            if probs_out is not None:
-                probs_out[:, q_dev, r0:r1] = p
-    return ActOutput(out=out, stats=stats, sinks=sinks, probs=probs_out)
+        blocks = group_blocks(
+            q, k, q_idx, kv_idx, scale=scale, softcap=softcap, mask=mask, causal=causal,
+            sliding_window=sliding_window, block_elements=block_elements,
+        )  # fmt: skip
+        for r0, r1, k0, k1, logits in blocks:
+            p = probs_(logits, lse[:, q_dev, r0:r1])
+            p = calibrate_(p, group_sinks[..., k0:k1], beta=beta, rows=valid[:, :, r0:r1])
+            out[:, q_dev, r0:r1] = (p @ v_group[:, :, k0:k1]).to(q.dtype)
+            probs[:, q_dev, r0:r1, k0:k1] = p
+    return out, probs
+
+
+def _sink_correction_torch(
+    q, k, v, plain, lse, sinks, query_valid, *, scale, beta, softcap, kv_head_index, block_elements, mask, causal,
+    sliding_window,
+) -> torch.Tensor:  # fmt: skip
+    """ACT's output from the plain one (float32) by the closed form o' = beta A_S + c (o - A_S) over the few sink
+    keys, one block of rows at a time; rows whose non-sink mass is below TORCH_CLOSED_FORM_GUARD are recomputed
+    exactly."""
+    index = sink_index(sinks)
+    if index is None:
+        return plain.to(q.dtype)
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    columns = index.long()
+    safe = columns.clamp_min(0)
+    kv_heads = kv_head_index.to(q.device)[None, :, None]
+    batch = torch.arange(b, device=q.device)[:, None, None]
+    k_sink, v_sink = k[batch, kv_heads, safe].float(), v[batch, kv_heads, safe].float()  # [B, Hq, K, D]
+    out = plain
+    guarded = torch.zeros(b, hq, lq, dtype=torch.bool, device=q.device)
+    step = max(1, block_elements // max(1, b * hq * columns.shape[-1]))
+    for r0 in range(0, lq, step):
+        r1 = min(lq, r0 + step)
+        logits = (q[:, :, r0:r1].float() * scale) @ k_sink.transpose(-1, -2)  # [B, Hq, r, K]
+        if softcap is not None:
+            logits = logits.div_(softcap).tanh_().mul_(softcap)
+        bias, visible = columns_bias_and_visibility(
+            mask, columns, r0, r1, lq, lk, causal=causal, sliding_window=sliding_window
+        )
+        if bias is not None:
+            logits.add_(bias)
+        p = probs_(logits.masked_fill_(~visible, float("-inf")), lse[:, :, r0:r1])
+        s_mass = p.sum(-1)  # [B, Hq, r]
+        a_sink = p @ v_sink  # [B, Hq, r, D]
+        valid = query_valid[:, None, r0:r1] & (s_mass > 0)
+        active = valid & (s_mass < 1)
+        c = 1.0 + (1.0 - beta) * s_mass / (1.0 - s_mass).clamp_min(1e-30)
+        block = out[:, :, r0:r1]
+        block.copy_(torch.where(active[..., None], beta * a_sink + c[..., None] * (block - a_sink), block))
+        guarded[:, :, r0:r1] = valid & (1.0 - s_mass < TORCH_CLOSED_FORM_GUARD)
+    if bool(guarded.any()):
+        _exact_rows(
+            q, k, v, out, guarded, sinks, scale=scale, beta=beta, softcap=softcap, kv_head_index=kv_head_index,
+            mask=mask, causal=causal, sliding_window=sliding_window,
+        )  # fmt: skip
+    return out.to(q.dtype)
 
 
 def _act_triton(
@@ -214,7 +262,7 @@ def _act_triton(
     )
     guarded = (mass > 0) & (1.0 - mass < CLOSED_FORM_GUARD)
     if bool(guarded.any()):
-        _exact_rows(q, k, v, out, guarded, ranges, sinks, scale=scale, beta=beta, **heads)
+        _exact_rows(q, k, v, out, guarded, sinks, scale=scale, beta=beta, mask=ranges, **heads)
     return ActOutput(out=out, stats=stats, sinks=sinks)
 
 
@@ -229,23 +277,31 @@ def sink_index(sinks: torch.Tensor) -> torch.Tensor | None:
     return torch.where(index == lk, -1, index).to(torch.int32)
 
 
-def _exact_rows(q, k, v, out, rows, ranges, sinks, *, scale, beta, softcap, kv_head_index, max_elements=1 << 22):
-    """Recompute the ACT output of the selected (batch, head, row) triples from their full logits, in place."""
-    lk, d = k.shape[2], k.shape[3]
+def _exact_rows(
+    q, k, v, out, rows, sinks, *, scale, beta, softcap, kv_head_index, mask, causal=False, sliding_window=None,
+    max_elements=1 << 22,
+) -> None:  # fmt: skip
+    """Recompute the ACT output of the selected (batch, head, row) triples from their full logits, in place: one
+    (sequence, head) at a time, at most `max_elements` logits at once, K and V read in place."""
+    lq, lk = q.shape[2], k.shape[2]
     kv_heads = kv_head_index.to(q.device)
-    picks = rows.nonzero()
-    step = max(1, max_elements // max(1, lk * d))
-    cols = torch.arange(lk, device=q.device)
-    for start in range(0, len(picks), step):
-        bi, hi, ri = picks[start : start + step].unbind(1)
-        kvh = kv_heads[hi]
-        logits = torch.einsum("nd,nkd->nk", q[bi, hi, ri].float(), k[bi, kvh].float()) * scale
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        seen = (cols >= ranges.lo[bi, ri, None]) & (cols < ranges.hi[bi, ri, None])
-        p = torch.softmax(logits.masked_fill(~seen, float("-inf")), dim=-1)[:, None]  # [n, 1, Lk]: one row each
-        p = calibrate_(p, sinks[bi, hi], beta=beta)
-        out[bi, hi, ri] = torch.einsum("nk,nkd->nd", p.squeeze(1), v[bi, kvh].float()).to(out.dtype)
+    step = max(1, max_elements // max(1, lk))
+    for b, h in rows.any(-1).nonzero().tolist():
+        keys, values = k[b, kv_heads[h]].float(), v[b, kv_heads[h]].float()  # [Lk, D]
+        picked = rows[b, h].nonzero().flatten()
+        for start in range(0, len(picked), step):
+            ri = picked[start : start + step]
+            logits = (q[b, h, ri].float() * scale) @ keys.T  # [n, Lk]
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            n = torch.full_like(ri, b), torch.full_like(ri, h)
+            bias, seen = rows_bias_and_visibility(mask, *n, ri, lq, lk, causal=causal, sliding_window=sliding_window)
+            if bias is not None:
+                logits = logits + bias
+            if seen is not None:
+                logits = logits.masked_fill(~seen, float("-inf"))
+            p = calibrate_(torch.softmax(logits, dim=-1), sinks[b, h], beta=beta)
+            out[b, h, ri] = (p @ values).to(out.dtype)
 
 
 def _accumulate(history: ColumnStats | None, colsum: torch.Tensor, count: torch.Tensor, key_offset: int) -> ColumnStats:

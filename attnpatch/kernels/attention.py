@@ -1,12 +1,13 @@
-"""Attention forward with the per-row log-sum-exp: a flash-attention kernel in Triton on CUDA, the blocked PyTorch
-path elsewhere. GQA without repeating K/V, Lq != Lk (decode, chunked prefill), per-row key intervals (padding,
+"""Attention forward with the per-row log-sum-exp: a flash-attention kernel in Triton on CUDA; on CPU PyTorch's own
+flash kernel (`platform_flash`), or the blocked PyTorch path for what that kernel does not take (softcapping).
+GQA without repeating K/V, Lq != Lk (decode, chunked prefill), per-row key intervals (padding,
 causal offsets, sliding windows), softcapping; fp16, bf16, fp32; q/k/v with any strides."""
 
 from __future__ import annotations
 
 import torch
 
-from . import backend
+from . import backend, platform_flash
 from .blocks import (
     DEFAULT_BLOCK_ELEMENTS,
     default_kv_heads,
@@ -58,6 +59,22 @@ def _attention_torch(
     q, k, v, *, scale, mask, causal, sliding_window, softcap, kv_head_index,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS, out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(out in `out_dtype` (default q's), LSE): the platform's flash kernel when it takes the call, else blocks."""
+    if platform_flash.unsupported(q, softcap=softcap) is None:
+        out, lse = platform_flash.flash_with_lse(
+            q, k, v, scale=scale, mask=mask, causal=causal, sliding_window=sliding_window, kv_head_index=kv_head_index
+        )
+        return out.to(out_dtype or q.dtype), lse
+    return _attention_blocked(
+        q, k, v, scale=scale, mask=mask, causal=causal, sliding_window=sliding_window, softcap=softcap,
+        kv_head_index=kv_head_index, block_elements=block_elements, out_dtype=out_dtype,
+    )  # fmt: skip
+
+
+def _attention_blocked(
+    q, k, v, *, scale, mask, causal, sliding_window, softcap, kv_head_index,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS, out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     if kv_head_index is None:
@@ -71,8 +88,8 @@ def _attention_torch(
             q, k, q_idx, kv_idx, scale=scale, softcap=softcap, mask=mask, causal=causal,
             sliding_window=sliding_window, block_elements=block_elements,
         )  # fmt: skip
-        for r0, r1, logits in blocks:
+        for r0, r1, k0, k1, logits in blocks:
             block_lse = torch.logsumexp(logits, dim=-1)
             lse[:, q_dev, r0:r1] = block_lse
-            out[:, q_dev, r0:r1] = (probs_(logits, block_lse) @ v_group).to(out.dtype)
+            out[:, q_dev, r0:r1] = (probs_(logits, block_lse) @ v_group[:, :, k0:k1]).to(out.dtype)
     return out, lse

@@ -137,12 +137,21 @@ def plan(
     mask_memo: dict | None = None,
 ):
     """(path, KeyRanges or None) for one call: checks the tensors and turns the mask into the kernels' key ranges
-    only when Triton may run it (remembered in `mask_memo`, the forward's masking.MaskMemo, when given)."""
+    when Triton may run it, or on the PyTorch path when the call brings the forward's masking.MaskMemo (where the
+    ranges are remembered for the other layers)."""
     from .masking import to_key_ranges
 
     want = requested()
     if want == "torch" or (want == "auto" and q.device.type != "cuda"):
-        return "torch", None
+        # a 4-D mask seen once per forward becomes KeyRanges, which the PyTorch path masks by its diagonal only
+        if mask_memo is None or not isinstance(mask, torch.Tensor):
+            return "torch", None
+        b, _, lq, _ = q.shape
+        ranges, _ = to_key_ranges(
+            mask, b, lq, others[0].shape[2], causal=causal, sliding_window=sliding_window, device=q.device,
+            memo=mask_memo,
+        )  # fmt: skip
+        return "torch", ranges
     reason = unsupported or tensor_support(q, *others)
     ranges = None
     if reason is None:

@@ -3,11 +3,15 @@ rows at a time (float32, -inf where hidden), so no [B, H, Lq, Lk] tensor is ever
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
 
-from .masking import KeyRanges, block_bias_and_visibility
+from .masking import KeyRanges, block_bias_and_visibility, ranges_visible_count, structural_ranges
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 20  # logits elements per block (4 MiB in float32; faster than larger blocks)
+MAX_BLOCK_ROWS = 128  # query rows per block at most, so a causal block skips all but ~64 of the keys after its rows
 LOG2E = 1.4426950408889634  # the kernels work in base 2: exp(x) = exp2(x * LOG2E)
 
 
@@ -40,23 +44,68 @@ def take_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[:, idx.to(x.device)]
 
 
-class LogitBlocks:
-    """Row blocks of one head group with their logits (float32, -inf where hidden)."""
+class LogitBlock(NamedTuple):
+    """Query rows [r0, r1) against keys [k0, k1) (the keys any of these rows sees; the rest are skipped): logits
+    [B, n, r1 - r0, k1 - k0], float32, -inf where hidden."""
 
-    def __init__(self, q, k, *, scale, softcap, mask, causal, sliding_window, block_elements):
+    r0: int
+    r1: int
+    k0: int
+    k1: int
+    logits: torch.Tensor
+
+
+def key_extent(visible: torch.Tensor | None, lk: int) -> tuple[int, int]:
+    """[k0, k1): the smallest interval of keys holding every visible key of a block (visible [..., rows, Lk])."""
+    if visible is None:
+        return 0, lk
+    seen = visible.reshape(-1, visible.shape[-1]).any(0).nonzero()
+    if len(seen) == 0:
+        return 0, 0
+    return int(seen[0]), int(seen[-1]) + 1
+
+
+class LogitBlocks:
+    """Row blocks of one head group with their logits (float32, -inf where hidden), each only over the keys its rows
+    see (a causal block skips the keys after its last row). `rows` = (start, end): only those query rows.
+
+    Without a mask the causal/window rules become KeyRanges, and a KeyRanges block hides keys only outside the keys
+    all its rows see (for causal rows, the diagonal triangle): O(rows^2) masking work instead of O(rows * Lk)."""
+
+    def __init__(self, q, k, *, scale, softcap, mask, causal, sliding_window, block_elements, rows=None):
         self.q, self.k = q, k.float()
         self.scale, self.softcap = scale, softcap
-        self.mask, self.causal, self.sliding_window = mask, causal, sliding_window
         b, n, self.lq, _ = q.shape
         self.lk = k.shape[2]
-        self.rows = max(1, block_elements // max(1, b * n * self.lk))
+        if mask is None and causal and self.lq > 1:
+            mask = structural_ranges(b, self.lq, self.lk, causal=True, sliding_window=sliding_window, device=q.device)
+        self.mask, self.causal, self.sliding_window = mask, causal, sliding_window
+        self.rows = max(1, min(MAX_BLOCK_ROWS, block_elements // max(1, b * n * self.lk)))
+        self.start, self.end = rows if rows is not None else (0, self.lq)
 
-    def __iter__(self):
-        for r0 in range(0, self.lq, self.rows):
-            r1 = min(self.lq, r0 + self.rows)
-            logits = (self.q[:, :, r0:r1].float() * self.scale) @ self.k.transpose(-1, -2)
-            if self.softcap is not None:
-                logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
+    def _logits(self, r0: int, r1: int, k0: int, k1: int) -> torch.Tensor:
+        logits = (self.q[:, :, r0:r1].float() * self.scale) @ self.k[:, :, k0:k1].transpose(-1, -2)
+        if self.softcap is not None:
+            logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def _ranges_block(self, r0: int, r1: int) -> LogitBlock:
+        ranges = self.mask
+        k0, k1, f0, f1 = ranges.block_extent(r0, r1)
+        logits = self._logits(r0, r1, k0, k1)
+        parts = [(k0, min(max(f0, k0), k1)), (max(f1, k0), k1)] if f0 < f1 else [(k0, k1)]
+        for c0, c1 in parts:
+            if c0 < c1:
+                hidden = ~ranges.visibility(r0, r1, c1, first_key=c0)
+                logits[..., c0 - k0 : c1 - k0].masked_fill_(hidden, float("-inf"))
+        return LogitBlock(r0, r1, k0, k1, logits)
+
+    def __iter__(self) -> Iterator[LogitBlock]:
+        for r0 in range(self.start, self.end, self.rows):
+            r1 = min(self.end, r0 + self.rows)
+            if isinstance(self.mask, KeyRanges):
+                yield self._ranges_block(r0, r1)
+                continue
             bias, visible = block_bias_and_visibility(
                 self.mask,
                 r0,
@@ -65,13 +114,23 @@ class LogitBlocks:
                 self.lk,
                 causal=self.causal,
                 sliding_window=self.sliding_window,
-                device=logits.device,
+                device=self.q.device,
             )
+            k0, k1 = key_extent(visible, self.lk)
+            logits = self._logits(r0, r1, k0, k1)
             if bias is not None:
-                logits.add_(bias)
+                logits.add_(bias[..., k0:k1])
             if visible is not None:
-                logits.masked_fill_(~visible, float("-inf"))
-            yield r0, r1, logits
+                logits.masked_fill_(~visible[..., k0:k1], float("-inf"))
+            yield LogitBlock(r0, r1, k0, k1, logits)
+
+
+def true_runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in a 1-D bool tensor."""
+    edge = flags.new_zeros(1, dtype=torch.int8)
+    steps = torch.diff(flags.to(torch.int8), prepend=edge, append=edge)
+    starts, ends = (steps == 1).nonzero().flatten().tolist(), (steps == -1).nonzero().flatten().tolist()
+    return list(zip(starts, ends, strict=True))
 
 
 def group_blocks(q, k, q_idx: torch.Tensor, kv_idx: torch.Tensor, **options) -> LogitBlocks:
@@ -87,8 +146,12 @@ def probs_(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 def visible_count(
     mask: torch.Tensor | KeyRanges | None, query_valid, lq, lk, *, causal, sliding_window, block_rows, device
 ) -> torch.Tensor:
-    """[B, 1|H, Lk] number of valid query rows that see each key."""
+    """[B, 1|H, Lk] number of valid query rows that see each key (O(B (Lq + Lk)) without a 4-D mask)."""
     batch = query_valid.shape[0]
+    if mask is None:
+        mask = structural_ranges(batch, lq, lk, causal=causal, sliding_window=sliding_window, device=device)
+    if isinstance(mask, KeyRanges):
+        return ranges_visible_count(mask, query_valid, lk)
     count = None
     for r0 in range(0, lq, block_rows):
         r1 = min(lq, r0 + block_rows)

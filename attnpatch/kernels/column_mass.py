@@ -1,6 +1,7 @@
 """Column mass: for each (batch, head, key) the summed probability over the valid query rows that see the key, and
 how many such rows there are (their ratio is ACT's sink statistic). Computed from a saved per-row LSE, one tile at a
-time: Triton on CUDA, the blocked PyTorch path elsewhere; never an [Lq, Lk] tensor."""
+time: Triton on CUDA, the blocked PyTorch path elsewhere (as matrix products with exp(s - lse), skipping the keys
+no row of a block sees: about half of them when causal); never an [Lq, Lk] tensor."""
 
 from __future__ import annotations
 
@@ -87,9 +88,9 @@ def _column_mass_torch(
         )  # fmt: skip
         block_rows = min(block_rows, blocks.rows)
         q_dev = q_idx.to(q.device)
-        for r0, r1, logits in blocks:
+        for r0, r1, k0, k1, logits in blocks:
             p = probs_(logits, lse[:, q_dev, r0:r1].float())
-            colsum[:, q_dev] += (row_weight[..., r0:r1] @ p).squeeze(2)
+            colsum[:, q_dev, k0:k1] += (row_weight[..., r0:r1] @ p).squeeze(2)
     count = visible_count(
         mask, query_valid, lq, lk, causal=causal, sliding_window=sliding_window, block_rows=max(1, block_rows),
         device=q.device,

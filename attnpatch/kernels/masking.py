@@ -28,12 +28,22 @@ class KeyRanges:
     lo: torch.Tensor  # [B, Lq] int32
     hi: torch.Tensor  # [B, Lq] int32
 
-    def visibility(self, row_start: int, row_end: int, lk: int) -> torch.Tensor:
-        """[B, 1, rows, Lk] bool for query rows [row_start, row_end)."""
-        cols = torch.arange(lk, device=self.lo.device)
+    def visibility(self, row_start: int, row_end: int, lk: int, first_key: int = 0) -> torch.Tensor:
+        """[B, 1, rows, Lk - first_key] bool for query rows [row_start, row_end) and keys [first_key, lk)."""
+        cols = torch.arange(first_key, lk, device=self.lo.device)
         lo = self.lo[:, None, row_start:row_end, None]
         hi = self.hi[:, None, row_start:row_end, None]
         return (cols >= lo) & (cols < hi)
+
+    def block_extent(self, row_start: int, row_end: int) -> tuple[int, int, int, int]:
+        """(k0, k1, f0, f1) for rows [row_start, row_end): [k0, k1) holds every key some row sees, [f0, f1) (empty
+        when f0 >= f1) the keys every row sees. A causal block is masked only outside [f0, f1): its diagonal."""
+        lo, hi = self.lo[:, row_start:row_end], self.hi[:, row_start:row_end]
+        seen = lo < hi
+        if not bool(seen.any()):
+            return 0, 0, 0, 0
+        k0, k1 = int(lo[seen].min()), int(hi[seen].max())
+        return k0, k1, int(lo.max()), int(hi.min())
 
     def nonempty(self) -> torch.Tensor:
         """[B, Lq] bool: rows that see at least one key."""
@@ -89,6 +99,73 @@ def block_bias_and_visibility(
     if block.dtype == torch.bool:
         return None, block
     return block.float(), _visible(block)
+
+
+def columns_bias_and_visibility(
+    mask: torch.Tensor | KeyRanges | None,
+    columns: torch.Tensor,
+    row_start: int,
+    row_end: int,
+    lq: int,
+    lk: int,
+    *,
+    causal: bool,
+    sliding_window: int | None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`block_bias_and_visibility` at chosen keys only: columns [B, H, K] (key positions, -1 = none) give (bias
+    [B, 1|H, rows, K] float32 or None, visible [B, H, rows, K] bool) for query rows [row_start, row_end)."""
+    b, h, n = columns.shape
+    device = columns.device
+    present = (columns >= 0)[:, :, None, :]
+    cols = columns.clamp_min(0)[:, :, None, :]  # [B, H, 1, K]
+    rows = torch.arange(row_start, row_end, device=device)[None, None, :, None]
+    bias = None
+    if mask is None:
+        visible = present.expand(b, h, row_end - row_start, n)
+        if causal and lq > 1:
+            visible = visible & (cols <= rows)
+            if sliding_window is not None:
+                visible = visible & (cols > rows - sliding_window)
+    elif isinstance(mask, KeyRanges):
+        lo = mask.lo[:, None, row_start:row_end, None].expand(b, 1, -1, 1)
+        hi = mask.hi[:, None, row_start:row_end, None].expand(b, 1, -1, 1)
+        visible = present & (cols >= lo) & (cols < hi)
+    else:
+        block = mask[:, :, row_start:row_end, :lk]
+        block = block.expand(b, h if block.shape[1] == 1 else block.shape[1], -1, -1)
+        picked = block.gather(-1, cols.expand(b, h, row_end - row_start, n))
+        visible = present & _visible(picked)
+        bias = None if picked.dtype == torch.bool else picked.float()
+    return bias, visible
+
+
+def rows_bias_and_visibility(
+    mask: torch.Tensor | KeyRanges | None,
+    batch: torch.Tensor,
+    heads: torch.Tensor,
+    rows: torch.Tensor,
+    lq: int,
+    lk: int,
+    *,
+    causal: bool,
+    sliding_window: int | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`block_bias_and_visibility` of chosen (batch, head, row) triples (each [n]): (bias [n, Lk] float32 or None,
+    visible [n, Lk] bool or None = all visible)."""
+    cols = torch.arange(lk, device=rows.device)
+    if mask is None:
+        return None, _structural_visibility(
+            rows, lq, lk, causal=causal, sliding_window=sliding_window, device=rows.device
+        )
+    if isinstance(mask, KeyRanges):
+        return None, (cols >= mask.lo[batch, rows, None]) & (cols < mask.hi[batch, rows, None])
+    picked = mask[
+        batch if mask.shape[0] > 1 else torch.zeros_like(batch),
+        heads if mask.shape[1] > 1 else torch.zeros_like(heads),
+        rows,
+        :lk,
+    ]
+    return (None, picked) if picked.dtype == torch.bool else (picked.float(), _visible(picked))
 
 
 def dense_bias_and_visibility(

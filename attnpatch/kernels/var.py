@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backend
+from . import backend, platform_flash
 from .blocks import (
     DEFAULT_BLOCK_ELEMENTS,
     default_kv_heads,
@@ -25,6 +25,7 @@ from .blocks import (
     probs_,
     replica_groups,
     take_heads,
+    true_runs,
 )
 from .masking import KeyRanges, MaskMemo
 
@@ -104,7 +105,8 @@ def var_attention(
         )
         return VarOutput(out=out, selected=selected if return_selected else None)
     return _var_torch(
-        q, k, v, classes, rows, scale=scale, mask=mask, causal=causal, sliding_window=sliding_window,
+        q, k, v, classes, rows, scale=scale, mask=mask if ranges is None else ranges, causal=causal,
+        sliding_window=sliding_window,
         softcap=softcap, kv_head_index=kv_head_index, return_selected=return_selected, return_probs=return_probs,
         block_elements=block_elements, **rule,
     )  # fmt: skip
@@ -133,6 +135,8 @@ def _var_torch(
     q, k, v, classes, rows, *, scale, mask, causal, sliding_window, softcap, kv_head_index, return_selected,
     return_probs, block_elements, keep_fraction, rho, summ, convention,
 ) -> VarOutput:  # fmt: skip
+    """Blocks over the rows VAR may change; when they are at most half of the rows (a prompt's text after its image),
+    the rest come from PyTorch's flash kernel and only those rows are recomputed."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     device = q.device
@@ -140,30 +144,37 @@ def _var_torch(
     is_image = (classes & IMAGE) > 0
     # [B, 1, Lk, 3] one-hot class columns: sink, visual sink, image non-sink
     columns = torch.stack([is_sink, is_sink & is_image, is_image & ~is_sink], dim=-1).float()[:, None]
-    sink_cols, ins_cols = columns[:, :, None, :, 0], columns[:, :, None, :, 2]  # [B, 1, 1, Lk]
     n_image = is_image.sum(-1).float()[:, None, None]  # [B, 1, 1]
-    out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=device)
-    selected = torch.zeros(b, hq, lq, dtype=torch.bool, device=device)
-    probs_out = torch.empty(b, hq, lq, lk, dtype=torch.float32, device=device) if return_probs else None
     geometry = dict(mask=mask, causal=causal, sliding_window=sliding_window)
-    logit_options = dict(scale=scale, softcap=softcap, block_elements=block_elements, **geometry)
+    changing = rows.any(0)
+    if not return_probs and 2 * int(changing.sum()) <= lq and platform_flash.unsupported(q, softcap=softcap) is None:
+        plain, _ = platform_flash.flash_with_lse(q, k, v, scale=scale, kv_head_index=kv_head_index, **geometry)
+        out, spans = plain.to(q.dtype), true_runs(changing.cpu())
+    else:
+        out, spans = torch.empty(b, hq, lq, d, dtype=q.dtype, device=device), [(0, lq)]
+    selected = torch.zeros(b, hq, lq, dtype=torch.bool, device=device)
+    probs_out = torch.zeros(b, hq, lq, lk, dtype=torch.float32, device=device) if return_probs else None
+    rule = dict(rho=rho, summ=summ, convention=convention)
     for q_idx, kv_idx in replica_groups(kv_head_index.cpu(), hkv):
         q_dev = q_idx.to(device)
         v_group = take_heads(v, kv_idx).float()
-        blocks = group_blocks(q, k, q_idx, kv_idx, **logit_options)
-        for r0, r1, logits in blocks:
-            p = probs_(logits, torch.logsumexp(logits, dim=-1))
-            sink_mass, visual_sink, ins = (p @ columns).unbind(-1)  # [B, n, r] each
-            chosen = rows[:, None, r0:r1] & image_centric(
-                torch.ones_like(ins), visual_sink, ins, n_image, rho=rho, summ=summ, convention=convention
-            )
-            gain = torch.where(chosen, (1 - keep_fraction) * sink_mass / ins.clamp_min(1e-30), 0.0)
-            w_sink = torch.where(chosen, keep_fraction, 1.0)
-            # per-key weight: w_sink on sinks, 1 + gain on non-sink image keys, 1 elsewhere
-            weight = 1.0 + (w_sink - 1.0)[..., None] * sink_cols + gain[..., None] * ins_cols
-            p.mul_(weight)
-            out[:, q_dev, r0:r1] = (p @ v_group).to(q.dtype)
-            selected[:, q_dev, r0:r1] = chosen
-            if probs_out is not None:
-                probs_out[:, q_dev, r0:r1] = p
+        for span in spans:
+            blocks = group_blocks(
+                q, k, q_idx, kv_idx, scale=scale, softcap=softcap, block_elements=block_elements, rows=span,
+                **geometry,
+            )  # fmt: skip
+            for r0, r1, k0, k1, logits in blocks:
+                p = probs_(logits, torch.logsumexp(logits, dim=-1))
+                block_columns = columns[:, :, k0:k1]
+                sink_mass, visual_sink, ins = (p @ block_columns).unbind(-1)  # [B, n, r] each
+                chosen = rows[:, None, r0:r1] & image_centric(torch.ones_like(ins), visual_sink, ins, n_image, **rule)
+                gain = torch.where(chosen, (1 - keep_fraction) * sink_mass / ins.clamp_min(1e-30), 0.0)
+                w_sink = torch.where(chosen, keep_fraction, 1.0)
+                # per-key weight: w_sink on sinks, 1 + gain on non-sink image keys, 1 elsewhere
+                sink_cols, ins_cols = block_columns[:, :, None, :, 0], block_columns[:, :, None, :, 2]
+                p.mul_(1.0 + (w_sink - 1.0)[..., None] * sink_cols + gain[..., None] * ins_cols)
+                out[:, q_dev, r0:r1] = (p @ v_group[:, :, k0:k1]).to(q.dtype)
+                selected[:, q_dev, r0:r1] = chosen
+                if probs_out is not None:
+                    probs_out[:, q_dev, r0:r1, k0:k1] = p
     return VarOutput(out=out, selected=selected if return_selected else None, probs=probs_out)
