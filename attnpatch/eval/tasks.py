@@ -84,7 +84,7 @@ def _boolq(row: dict) -> Formatted:
     return context, [" no", " yes"], int(bool(row["answer"]))
 
 
-def _hellaswag_clean(text: str) -> str:
+def hellaswag_preprocess(text: str) -> str:
     """lm-eval-harness's preprocessing of the WikiHow markup, verbatim: " [title]" becomes ". ", other "[...]" tags
     go, and each pair of spaces becomes one (so "  " can remain, and a title after a full stop gives "..")."""
     text = text.strip()
@@ -94,8 +94,8 @@ def _hellaswag_clean(text: str) -> str:
 
 
 def _hellaswag(row: dict) -> Formatted:
-    context = _hellaswag_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
-    return context, [f" {_hellaswag_clean(e)}" for e in row["endings"]], int(row["label"])
+    context = hellaswag_preprocess(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
+    return context, [f" {hellaswag_preprocess(e)}" for e in row["endings"]], int(row["label"])
 
 
 def _openbookqa(row: dict) -> Formatted:
@@ -382,6 +382,12 @@ def task_rows(name: str, *, part: str = "eval", limit: int | None = None) -> lis
     for source in _sources(name, spec, spec.split):
         out += [(item_id, row) for index, item_id, row in source.rows if _in_part(index, part)]
     return out[:limit]
+
+
+def demo_rows(name: str) -> list[tuple[str, dict]]:
+    """(id, raw dataset row) of a task's demonstration pool (held out from every part)."""
+    spec = _spec(name)
+    return [pair for source in _sources(name, spec, spec.split) for pair in source.pool]
 
 
 def task_sizes(names: list[str] | None = None) -> dict[str, dict[str, int]]:
