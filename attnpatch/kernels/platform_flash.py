@@ -56,9 +56,11 @@ def flash_with_lse(
     sliding_window: int | None,
     kv_head_index: torch.Tensor | None = None,
     rows_per_call: int = ROW_BLOCK,
+    row_spans: list[tuple[int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Lq, D] float32, natural-log LSE [B, Hq, Lq] float32) of softmax(q k^T * scale) v; rows that see
-    no key give 0 and -inf. Same mask conventions as `attention.attention`; check `unsupported` first."""
+    no key give 0 and -inf. Same mask conventions as `attention.attention`; check `unsupported` first.
+    row_spans: only these [start, end) query rows (the others stay 0 and -inf)."""
     kernel = _kernel()
     b, hq, lq, d = q.shape
     lk = k.shape[2]
@@ -67,36 +69,45 @@ def flash_with_lse(
     q32 = q.float()
     k32 = _per_query_head(k, kv_head_index.cpu(), hq).float()
     v32 = _per_query_head(v, kv_head_index.cpu(), hq).float()
-    if lk == 0:
-        return q32.new_zeros(b, hq, lq, d), q32.new_full((b, hq, lq), float("-inf"))
-    if mask is None and (sliding_window is None or not causal or lq == 1):
-        # the kernel's causal flag is top-left aligned, as our rule for a call without a mask; one query sees all
-        out, lse = kernel(q32, k32, v32, 0.0, causal and lq > 1, scale=scale)
-        return out, lse
-    if mask is None:  # a sliding window without a mask
-        mask = structural_ranges(b, lq, lk, causal=True, sliding_window=sliding_window, device=q.device)
     out = q32.new_zeros(b, hq, lq, d)
     lse = q32.new_full((b, hq, lq), float("-inf"))
-    for r0 in range(0, lq, rows_per_call):
-        r1 = min(lq, r0 + rows_per_call)
-        k0, k1, additive = _block_mask(mask, r0, r1, lq, lk, causal=causal, sliding_window=sliding_window)
-        if k0 == k1:
-            continue
-        block_out, block_lse = kernel(
-            q32[:, :, r0:r1], k32[:, :, k0:k1], v32[:, :, k0:k1], 0.0, False, attn_mask=additive, scale=scale
-        )
-        out[:, :, r0:r1] = block_out
-        if additive is None:
-            lse[:, :, r0:r1] = block_lse
-        else:  # the kernel reports an LSE of 0 for a row that sees nothing
-            lse[:, :, r0:r1] = torch.where(torch.isfinite(additive).any(-1), block_lse, float("-inf"))
+    if lk == 0:
+        return out, lse
+    if mask is None and row_spans is None and (sliding_window is None or not causal or lq == 1):
+        # the kernel's causal flag is top-left aligned, as our rule for a call without a mask; one query sees all
+        return kernel(q32, k32, v32, 0.0, causal and lq > 1, scale=scale)
+    if mask is None and causal and lq > 1:
+        mask = structural_ranges(b, lq, lk, causal=True, sliding_window=sliding_window, device=q.device)
+    for start, end in row_spans if row_spans is not None else [(0, lq)]:
+        for r0 in range(start, end, rows_per_call):
+            r1 = min(end, r0 + rows_per_call)
+            k0, k1, additive = _block_mask(mask, r0, r1, lq, lk, causal=causal, sliding_window=sliding_window)
+            if k0 == k1:
+                continue
+            block_out, block_lse = kernel(
+                q32[:, :, r0:r1], k32[:, :, k0:k1], v32[:, :, k0:k1], 0.0, False, attn_mask=additive, scale=scale
+            )
+            out[:, :, r0:r1] = block_out
+            if additive is None:
+                lse[:, :, r0:r1] = block_lse
+            else:  # the kernel reports an LSE of 0 for a row that sees nothing
+                lse[:, :, r0:r1] = torch.where(torch.isfinite(additive).any(-1), block_lse, float("-inf"))
     return out, lse
 
 
 def _block_mask(
-    mask: torch.Tensor | KeyRanges, r0: int, r1: int, lq: int, lk: int, *, causal: bool, sliding_window: int | None
+    mask: torch.Tensor | KeyRanges | None,
+    r0: int,
+    r1: int,
+    lq: int,
+    lk: int,
+    *,
+    causal: bool,
+    sliding_window: int | None,
 ) -> tuple[int, int, torch.Tensor | None]:
     """(k0, k1, additive float32 mask [B, 1|H, rows, k1 - k0] or None when every row sees every key of [k0, k1))."""
+    if mask is None:  # bidirectional, or one query: every key
+        return 0, lk, None
     if isinstance(mask, KeyRanges):
         k0, k1, f0, f1 = mask.block_extent(r0, r1)
         if f0 <= k0 and f1 >= k1:

@@ -135,8 +135,8 @@ def _var_torch(
     q, k, v, classes, rows, *, scale, mask, causal, sliding_window, softcap, kv_head_index, return_selected,
     return_probs, block_elements, keep_fraction, rho, summ, convention,
 ) -> VarOutput:  # fmt: skip
-    """Blocks over the rows VAR may change; when they are at most half of the rows (a prompt's text after its image),
-    the rest come from PyTorch's flash kernel and only those rows are recomputed."""
+    """Blocks over the rows VAR may change (a prompt's text after its image); the rows it leaves alone come from
+    PyTorch's flash kernel where it takes the call."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     device = q.device
@@ -146,10 +146,13 @@ def _var_torch(
     columns = torch.stack([is_sink, is_sink & is_image, is_image & ~is_sink], dim=-1).float()[:, None]
     n_image = is_image.sum(-1).float()[:, None, None]  # [B, 1, 1]
     geometry = dict(mask=mask, causal=causal, sliding_window=sliding_window)
-    changing = rows.any(0)
-    if not return_probs and 2 * int(changing.sum()) <= lq and platform_flash.unsupported(q, softcap=softcap) is None:
-        plain, _ = platform_flash.flash_with_lse(q, k, v, scale=scale, kv_head_index=kv_head_index, **geometry)
-        out, spans = plain.to(q.dtype), true_runs(changing.cpu())
+    changing = rows.any(0).cpu()
+    if not return_probs and platform_flash.unsupported(q, softcap=softcap) is None:
+        # rows VAR leaves alone from PyTorch's flash kernel, the others recomputed block by block
+        plain, _ = platform_flash.flash_with_lse(
+            q, k, v, scale=scale, kv_head_index=kv_head_index, row_spans=true_runs(~changing), **geometry
+        )
+        out, spans = plain.to(q.dtype), true_runs(changing)
     else:
         out, spans = torch.empty(b, hq, lq, d, dtype=q.dtype, device=device), [(0, lq)]
     selected = torch.zeros(b, hq, lq, dtype=torch.bool, device=device)

@@ -101,7 +101,7 @@ def test_each_op_takes_the_path_it_should():
     # softcapping is not in the kernel; the probabilities for output_attentions come from the blocked path
     assert not _calls_flash(lambda: attention(q, k, v, mask=mask, softcap=5.0))
     assert not _calls_flash(lambda: act_attention(q, k, v, mask=mask, softcap=5.0, **ACT))
-    # VAR: the kernel runs the rows VAR leaves alone, only when they are at least half of the rows
+    # VAR: the kernel runs the rows VAR leaves alone; when it may change every row, none
     sinks = torch.zeros(2, 24, dtype=torch.bool)
     sinks[:, 0] = True
     image = torch.zeros(2, 24, dtype=torch.bool)
