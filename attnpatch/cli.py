@@ -16,6 +16,7 @@ from .arguments import Parser, UsageError, dtype_name, positive_int
 DEFAULT_TASKS = "sst2,boolq,piqa,arc_easy,arc_challenge,openbookqa,copa,hellaswag"
 DEFAULT_MODEL = "gemma-3-270m"
 DEMO_TASKS = ("sst2", "arc_easy", "arc_challenge", "piqa", "boolq")
+LM_EVAL_TASKS = ",".join(f"attnpatch_{t}" for t in DEFAULT_TASKS.split(","))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +44,26 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--option", action="append", default=[], help="method option KEY=VALUE (JSON value; repeatable)")
     ev.add_argument("--no-default", action="store_true", help="skip the method with default heads (profiles only)")
     ev.add_argument("--part", default="eval", help="eval (default), calibration or all")
+    ev.add_argument(
+        "--metric",
+        default="both",
+        choices=["acc", "acc_norm", "both"],
+        help="acc: summed log-likelihood; acc_norm: divided by the option's length in characters without its leading "
+        "space (lm-eval's definitions); both (default): a table each",
+    )
+    ev.add_argument(
+        "--harness",
+        default="attnpatch",
+        choices=["attnpatch", "lm-eval"],
+        help="attnpatch (default): our scorer on --tasks; lm-eval: lm-evaluation-harness's simple_evaluate on the "
+        f"patched model, --tasks being lm-eval task names (default: the bundled offline ones, {LM_EVAL_TASKS})",
+    )
+    ev.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        help="--harness lm-eval: a folder of your own lm-eval task YAMLs (repeatable)",
+    )
     ev.add_argument("--out", default="attnpatch-out/eval", help="output prefix: writes PREFIX.json and PREFIX.md")
     _ocw_args(ev)
     cal = sub.add_parser(
@@ -140,11 +161,20 @@ def _run_eval(args: argparse.Namespace) -> int:
         configs[args.method] = {"method": args.method, **_options(args.option)}
     for path in args.profile:
         configs[f"{args.method} profile {os.path.basename(os.path.normpath(path))}"] = Profile.load(path)
-    tasks = [t for t in args.tasks.split(",") if t]
-    report = evaluate(
-        model, tok, tasks, configs=configs, shots=args.shots, limit=args.limit, part=args.part,
-        batch_size=args.batch_size, model_name=args.model,
-    )  # fmt: skip
+    tasks = [t for t in _eval_tasks(args).split(",") if t]
+    metrics = ["acc", "acc_norm"] if args.metric == "both" else [args.metric]
+    if args.harness == "lm-eval":
+        from .eval.harness import evaluate_lm_eval
+
+        report = evaluate_lm_eval(
+            model, tok, tasks, configs=configs, include_path=args.include_path, shots=args.shots, limit=args.limit,
+            part=args.part, batch_size=args.batch_size, metrics=metrics, model_name=args.model,
+        )  # fmt: skip
+    else:
+        report = evaluate(
+            model, tok, tasks, configs=configs, shots=args.shots, limit=args.limit, part=args.part,
+            batch_size=args.batch_size, metrics=metrics, model_name=args.model,
+        )  # fmt: skip
     from .distributed import Processes
 
     if Processes().main:
@@ -153,6 +183,11 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(report.to_markdown())
         print(f"wrote {paths[0]} and {paths[1]}")
     return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> str:
+    """--tasks, or under --harness lm-eval with the default tasks, their bundled lm-eval versions."""
+    return LM_EVAL_TASKS if args.harness == "lm-eval" and args.tasks == DEFAULT_TASKS else args.tasks
 
 
 def _load_any(args: argparse.Namespace):
@@ -270,6 +305,20 @@ def _check_method(args: argparse.Namespace) -> None:
             raise UsageError(f"--option: {error}") from None
 
 
+def _check_lm_eval(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    if args.task is not None:
+        raise UsageError("--harness lm-eval runs multiple-choice tasks (--tasks); the OCW runs without it")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("--harness lm-eval needs lm-evaluation-harness: pip install lm-eval (or 'attnpatch[eval]')")
+    missing = [path for path in args.include_path if not os.path.isdir(path)]
+    if missing:
+        raise UsageError(f"--include-path {missing} is not a folder; give folders of lm-eval task YAMLs")
+    if not [t for t in args.tasks.split(",") if t]:
+        raise UsageError("--tasks is empty; give lm-eval task names")
+
+
 def _check_profiles(paths: list[str]) -> None:
     for path in paths:
         if not os.path.isfile(os.path.join(path, "attnpatch_config.json")):
@@ -288,8 +337,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.command == "eval":
         if args.task not in (None, "ocw"):
             raise UsageError(f"--task {args.task!r}: only 'ocw' is supported (multiple-choice tasks go in --tasks)")
-        if args.task is None:
+        if args.task is None and args.harness == "attnpatch":
             _check_tasks([t for t in args.tasks.split(",") if t])
+        if args.harness == "lm-eval":
+            _check_lm_eval(args)
         elif args.data and not os.path.exists(args.data):
             raise UsageError(f"--data {args.data!r} does not exist; give an OCW folder or a JSON file of walls")
         _check_method(args)

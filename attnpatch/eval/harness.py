@@ -122,18 +122,19 @@ def lm_eval_default_task(task: str, files: Mapping[str, str]):
     return ConfigurableTask(config=config)
 
 
-def task_manager(tasks: Sequence[str], include_path: Sequence[str | os.PathLike] = ()):
-    """A TaskManager that knows the bundled tasks and `include_path`; lm-eval's own tasks are indexed too (tens of
-    seconds) only when a task is not found there."""
+def task_manager(tasks: Sequence[str], include_path: Sequence[str | os.PathLike] = (), part: str = "eval"):
+    """A TaskManager that knows the bundled tasks (on our task's `part`) and `include_path`; lm-eval's own tasks are
+    indexed too (tens of seconds) only when a task is not found there."""
     _lm_eval()
     from lm_eval.tasks import TaskManager
 
     paths = [str(TASK_DIR), *map(str, include_path)]
-    manager = TaskManager(include_path=paths, include_defaults=False)
+    metadata = {"part": part}
+    manager = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
     known = set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags)
     if all(task in known for task in tasks):
         return manager
-    return TaskManager(include_path=paths)
+    return TaskManager(include_path=paths, metadata=metadata)
 
 
 def _per_sample(samples: list[dict], metrics: Sequence[str]) -> tuple[dict[str, list[bool]], list[str], list]:
@@ -154,6 +155,7 @@ def evaluate_lm_eval(
     include_path: Sequence[str | os.PathLike] = (),
     shots: int = 0,
     limit: int | None = None,
+    part: str = "eval",
     batch_size: int = 16,
     metrics: Sequence[str] = METRICS,
     seed: int = 0,
@@ -164,8 +166,9 @@ def evaluate_lm_eval(
     those of YAMLs under `include_path`) for every configuration, as an `EvalReport` (harness "lm-eval").
 
     configs: {name: None | {"method": ..., **options} | Profile}, the first being the reference (default: unpatched
-    only). Every task must report each metric of `metrics` per sample (multiple-choice tasks report acc, and
-    acc_norm where their metric_list asks for it, as every bundled task does)."""
+    only). `part` is the part of our tasks the bundled ones evaluate. Every task must report each metric of
+    `metrics` per sample (multiple-choice tasks report acc, and acc_norm where their metric_list asks for it, as
+    every bundled task does)."""
     _lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -176,13 +179,13 @@ def evaluate_lm_eval(
         configs={name: describe(c) for name, c in configs.items()},
         tasks=list(tasks),
         shots=shots,
-        part="lm-eval",
+        part=part,
         limit=limit,
         metrics=list(check_metrics(metrics)),
         harness="lm-eval",
     )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    manager = task_manager(tasks, include_path)
+    manager = task_manager(tasks, include_path, part)
     per_config: dict[str, dict[str, Any]] = {}
     for name, config in configs.items():
         started = time.perf_counter()

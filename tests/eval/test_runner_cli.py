@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-from attnpatch.cli import UsageError, _candidates, _options, _parser
+from attnpatch.cli import LM_EVAL_TASKS, UsageError, _candidates, _eval_tasks, _options, _parser, main
 from attnpatch.eval.metrics import pick
 from attnpatch.eval.runner import evaluate
 
@@ -63,3 +64,37 @@ def test_cli_helpers():
     assert args.screen_layers == 2 and args.tasks == "sst2,copa" and args.limit == 4
     args = _parser().parse_args(["eval", "--profile", "p1", "--profile", "p2", "--option", "beta=0.3"])
     assert args.profile == ["p1", "p2"] and args.option == ["beta=0.3"]
+
+
+def test_cli_metric_and_harness_arguments(capsys, tmp_path, monkeypatch):
+    args = _parser().parse_args(["eval", "--harness", "lm-eval", "--metric", "acc", "--include-path", "d"])
+    assert (args.harness, args.metric, args.include_path) == ("lm-eval", "acc", ["d"])
+    assert _eval_tasks(args) == LM_EVAL_TASKS and LM_EVAL_TASKS.startswith("attnpatch_sst2,attnpatch_boolq,")
+    args = _parser().parse_args(["eval", "--harness", "lm-eval", "--tasks", "mine"])
+    assert _eval_tasks(args) == "mine" and _parser().parse_args(["eval"]).metric == "both"
+    monkeypatch.chdir(tmp_path)
+    for argv, message in [
+        (["eval", "--harness", "lm-eval", "--include-path", "no/such"], "--include-path ['no/such'] is not a folder"),
+        (["eval", "--harness", "lm-eval", "--task", "ocw"], "--harness lm-eval runs multiple-choice tasks"),
+        (["eval", "--metric", "f1"], "invalid choice: 'f1'"),
+        (["eval", "--harness", "lmeval"], "invalid choice: 'lmeval'"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="pip install lm-eval")
+def test_cli_runs_lm_eval_on_the_patched_model(tmp_path, capsys):
+    """`attnpatch eval --harness lm-eval`: a bundled task on Gemma-3 270M, unpatched and ACT, one metric."""
+    out = tmp_path / "r"
+    argv = ["eval", "--harness", "lm-eval", "--tasks", "attnpatch_copa", "--limit", "2", "--metric", "acc_norm"]
+    assert main([*argv, "--out", str(out)]) == 0
+    saved = json.load(open(f"{out}.json"))
+    assert (saved["harness"], saved["metrics"], saved["tasks"]) == ("lm-eval", ["acc_norm"], ["attnpatch_copa"])
+    assert set(saved["results"]["attnpatch_copa"]) == {"unpatched", "act"}
+    act = saved["results"]["attnpatch_copa"]["act"]
+    assert act["n"] == 2 and "paired" in act["acc_norm"] and "acc" not in act
+    assert "**acc_norm**" in capsys.readouterr().out
