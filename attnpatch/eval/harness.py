@@ -205,8 +205,8 @@ def evaluate_lm_eval(
                 raise ValueError(f"lm-eval task {task!r} reports no {missing} per sample; ask for fewer metrics")
             correct[name], ids, kept[name] = _per_sample(per_config[name][task], report.metrics)
         report.add(task, correct, seed=seed)
-        if keep_items:
-            report.items[task] = {"ids": ids, "logprobs": kept}
+        if keep_items:  # lm-eval's own per-sample verdicts beside its log-likelihoods
+            report.items[task] = {"ids": ids, "logprobs": kept, "correct": correct}
     return report
 
 
