@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..api import patched, runs_unpatched
 from ..distributed import Processes
+from ..eval.metrics import continuation_length
 from ..eval.scoring import BatchedRows
 from ..eval.tasks import Item, load_task
 from ..integrations.transformers import TransformersIntegration
@@ -76,7 +77,9 @@ class HeadResult:
 
 
 def _item_score(logprobs: Sequence[float], item: Item) -> tuple[float, bool]:
-    normalised = torch.tensor([lp / max(len(o), 1) for lp, o in zip(logprobs, item.options, strict=True)])
+    """Log-probability of the right option under a softmax over per-character scores, and whether acc_norm is right
+    (the per-character score is lm-eval's acc_norm: the option's length without its leading space)."""
+    normalised = torch.tensor([lp / continuation_length(o) for lp, o in zip(logprobs, item.options, strict=True)])
     log_choice = torch.log_softmax(normalised.double(), dim=0)
     return float(log_choice[item.label]), int(normalised.argmax()) == item.label
 

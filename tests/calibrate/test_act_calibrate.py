@@ -10,6 +10,7 @@ import torch
 
 import attnpatch
 from attnpatch.calibrate.replay import Replay
+from attnpatch.eval.metrics import continuation_length
 from attnpatch.eval.scoring import option_logprobs
 from attnpatch.profiles import Profile, ProfileError
 
@@ -63,7 +64,8 @@ def test_replayed_scores_equal_a_plain_patched_run(planted):
         act = option_logprobs(model, tok, items, progress=False)
 
     def score(lps, item):
-        norm = torch.tensor([lp / len(o) for lp, o in zip(lps, item.options, strict=True)], dtype=torch.float64)
+        lengths = [continuation_length(o) for o in item.options]  # acc_norm's: without the leading space
+        norm = torch.tensor([lp / n for lp, n in zip(lps, lengths, strict=True)], dtype=torch.float64)
         return float(torch.log_softmax(norm, 0)[item.label])
 
     expected = sum(score(a, i) - score(b, i) for a, b, i in zip(act, base, items, strict=True)) / len(items)
