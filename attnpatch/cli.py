@@ -1,4 +1,4 @@
-"""The `attnpatch` command: info, demo, eval, calibrate, analyze.
+"""The `attnpatch` command: info, demo, eval, calibrate, analyze, compile-check.
 
 A user error (an unknown task, model, method, option or dtype, a limit below 1, a missing profile) is one line on
 stderr that says what to do, with exit status 2, found before any model is loaded."""
@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     from .analysis.command import add_parser as add_analyze
 
     add_analyze(sub)
+    from .kernels.compile_check import add_parser as add_compile_check
+
+    add_compile_check(sub)
     return parser
 
 
@@ -382,6 +385,10 @@ def _run(args: argparse.Namespace) -> int:
         from .analysis.command import run_command
 
         return run_command(args)
+    if args.command == "compile-check":
+        from .kernels.compile_check import run_command as run_compile_check
+
+        return run_compile_check(args)
     from .demo import run_demo
 
     run_demo(

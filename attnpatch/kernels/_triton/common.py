@@ -161,17 +161,22 @@ def softmax_step(s, m_i):
 
 
 def tiles(head_dim: int, dtype: torch.dtype, rows: int, kernel: str = "") -> Tiles:
-    """Tile sizes for a flash-style kernel: larger tiles for 16-bit inputs, smaller for fp32 and head dim 256; the
-    current `KernelOptions.tiles` fix them per kernel."""
+    """Tile sizes for a flash-style kernel: larger tiles for 16-bit inputs, 16 rows for fp32, smaller at head dim
+    256; the current `KernelOptions.tiles` fix them per kernel. Each configuration compiles for sm_80 and sm_90
+    without spills (`attnpatch compile-check`; registers, shared memory and occupancy: benchmarks/NOTES.md)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     fixed = current_kernel_options().tiles.get(kernel)
     if fixed is not None:
         return replace(fixed, block_d=block_d)
     if interpreting():
         return Tiles(32 if rows > 16 else 16, 32, block_d, 4, 1)
-    block_m = 16 if rows <= 16 else (64 if block_d >= 256 or dtype == torch.float32 else 128)
-    block_n = 32 if block_d >= 256 and dtype == torch.float32 else 64
-    warps = 4 if block_m <= 64 else 8
+    if dtype == torch.float32:
+        # exact fp32 products have no tensor-core form: Triton's FMA dot holds whole rows of q and columns of K^T in
+        # registers, and only 16 x 16 tiles compile without spills in every variant (64 x 64 spilled 27 KB)
+        return Tiles(16, 16, block_d, 8 if block_d <= 128 else 4, 1)
+    block_m = 16 if rows <= 16 else (64 if block_d >= 256 else 128)
+    block_n = 16 if block_d >= 256 and block_m == 16 else 64
+    warps = 8 if block_m >= 128 or block_m * block_d >= 128 * 128 else 4  # fp32 accumulator <= 64 registers a thread
     return Tiles(block_m, block_n, block_d, warps, 2 if block_d >= 256 else 3)
 
 

@@ -232,7 +232,7 @@ def _outlook_bwd_v(
 
 def _blocks(head_dim: int) -> tuple[int, int]:
     """(rows per program, channel block): a [rows, channels] accumulator of about ROW_TILE_ELEMENTS."""
-    block_c = min(triton.next_power_of_2(head_dim), 64)
+    block_c = max(16, min(triton.next_power_of_2(head_dim), 64))  # 3 channel blocks: 3 compiled variants
     return max(16, min(64, ROW_TILE_ELEMENTS // block_c)), block_c
 
 

@@ -2,8 +2,10 @@
 closed-form correction o' = beta A_S + c (o - A_S), c = (1 - beta S) / (1 - S), of the plain output o.
 
 One program per (query block, batch x head); sink keys come as a padded index list [B, H, K] (-1 = none) and are
-gathered in chunks of BLOCK_K. Rows that are not valid, see no sink, or have (1 - S) below `guard` keep o; the
-caller recomputes the guarded rows exactly (the subtraction o - A_S loses precision as S approaches 1).
+gathered one at a time (a handful per head), their products in fp32 FMAs: a dot of fp32 tiles has no tensor-core
+form and held its operand tiles in registers, spilling 9-50 KB (compile-check, sm_90). Rows that are not valid, see
+no sink, or have (1 - S) below `guard` keep o; the caller recomputes the guarded rows exactly (the subtraction
+o - A_S loses precision as S approaches 1).
 """
 
 from __future__ import annotations
@@ -26,37 +28,28 @@ def _sink_correction(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_rb, stride_rm, stride_wb, stride_wm,
     H, LQ, D, NUM_SINKS, scale, softcap, beta, guard,
-    HAS_SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     bh, b, h, kvh, rows, m_ok, offs_d, d_ok, lo, hi = query_block(
         LO, HI, KV_HEAD, H, LQ, D, stride_rb, stride_rm, BLOCK_M, BLOCK_D
     )
-    offs_k = tl.arange(0, BLOCK_K)
     w = tl.load(W + b * stride_wb + rows * stride_wm, mask=m_ok, other=0.0)
     valid = m_ok & (lo < hi) & (w > 0)
     lse = tl.where(valid, load_lse2(LSE, bh, LQ, rows, m_ok), 0.0)
     q = load_q_block(Q, b, h, rows, m_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd, True)
+    k_base = K + b * stride_kb + kvh * stride_kh + offs_d * stride_kd
+    v_base = V + b * stride_vb + kvh * stride_vh + offs_d * stride_vd
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)
     partial = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for k0 in range(0, NUM_SINKS, BLOCK_K):
-        idx = tl.load(SINK_IDX + bh * NUM_SINKS + k0 + offs_k, mask=k0 + offs_k < NUM_SINKS, other=-1)
-        k_ok = idx >= 0
-        kt = tl.load(
-            K + b * stride_kb + kvh * stride_kh + idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=k_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        v = tl.load(
-            V + b * stride_vb + kvh * stride_vh + idx[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=k_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        s = scaled_logits(tl.dot(q, kt, input_precision="ieee"), scale, softcap, HAS_SOFTCAP)
-        seen = valid[:, None] & k_ok[None, :] & (idx[None, :] >= lo[:, None]) & (idx[None, :] < hi[:, None])
-        p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)
-        mass += tl.sum(p, 1)
-        partial += tl.dot(p, v, input_precision="ieee")
+    for j in range(NUM_SINKS):  # one sink key at a time: fp32 products without a dot's operand tiles in registers
+        idx = tl.load(SINK_IDX + bh * NUM_SINKS + j)
+        if idx >= 0:
+            kj = tl.load(k_base + idx * stride_kn, mask=d_ok, other=0.0).to(tl.float32)
+            vj = tl.load(v_base + idx * stride_vn, mask=d_ok, other=0.0).to(tl.float32)
+            s = scaled_logits(tl.sum(q * kj[None, :], 1), scale, softcap, HAS_SOFTCAP)
+            p = tl.where(valid & (idx >= lo) & (idx < hi), tl.exp2(s - lse), 0.0)
+            mass += p
+            partial += p[:, None] * vj[None, :]
     o_ptrs = offs_d[None, :] * stride_id + rows[:, None] * stride_im + b * stride_ib + h * stride_ih
     o = tl.load(O_IN + o_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     rest = 1.0 - mass
@@ -102,8 +95,7 @@ def sink_correction_forward(
     num_sinks = sink_index.shape[-1]
     sink_index = sink_index.to(torch.int32).contiguous()
     t = tiles(d, q.dtype, lq, "sink_correction")
-    block_k = 16 if num_sinks <= 16 else 32
-    block_m = min(t.block_m, 64)
+    block_m = min(t.block_m, max(16, 4096 // t.block_d))  # fp32 q and partial tiles: 32 registers each a thread
     grid = (triton.cdiv(lq, block_m), b * hq)
     _sink_correction[grid](
         q, k, v, plain_out, lse.contiguous(), weight, lo, hi, head_map(kv_head_index, hq, hkv, q.device),
@@ -112,6 +104,6 @@ def sink_correction_forward(
         srb, srm, weight.stride(0), weight.stride(1),
         hq, lq, d, num_sinks, float(scale), float(softcap or 1.0), float(beta), float(guard),
         HAS_SOFTCAP=softcap is not None,
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=t.block_d, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_D=t.block_d, num_warps=4, num_stages=2,
     )  # fmt: skip
     return out, mass

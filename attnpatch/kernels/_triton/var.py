@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..masking import KeyRanges
-from ..options import current_kernel_options
+from ..options import Tiles, current_kernel_options
 from .common import (
     dot_precision,
     key_loop_bounds,
@@ -220,6 +220,16 @@ def _var_merge(
     )  # fmt: skip
 
 
+def var_tiles(t: Tiles, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(rows, keys per tile, warps) from the flash rule's tiles: three fp32 [rows, BLOCK_D] accumulators and three
+    class-split probability tiles per key tile must fit without spilling (the flash rule's 64 x 64 tiles at 4 warps
+    spilled at head dims 128 and 256: compile-check, sm_90); fp32 keeps the rule's 8 warps."""
+    block_m = min(t.block_m, 64, max(16, 8192 // t.block_d))
+    big = block_m * t.block_d > 4096
+    block_n = min(t.block_n, 32) if big or t.block_d >= 256 else t.block_n
+    return block_m, block_n, 8 if big or dtype == torch.float32 else 4
+
+
 def var_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -257,11 +267,11 @@ def var_forward(
         srm = sem = 0
     h, m = q.shape[1], q.shape[2]
     t = tiles(d, q.dtype, m, "var")
-    block_m = min(t.block_m, 64)  # three accumulators per row
+    block_m, block_n, warps = var_tiles(t, q.dtype)
     programs = triton.cdiv(m, block_m) * b * h
     if num_splits is None:
-        num_splits = key_splits(programs, lk, t.block_n, q.device) if current_kernel_options().split_keys else 1
-    splits, split_len = split_length(lk, t.block_n, num_splits)
+        num_splits = key_splits(programs, lk, block_n, q.device) if current_kernel_options().split_keys else 1
+    splits, split_len = split_length(lk, block_n, num_splits)
     partial = splits > 1
     stats = torch.empty(splits, 5, b * h, m, dtype=torch.float32, device=q.device) if partial else n_image
     accs = torch.empty(splits, 3, b * h, m, d, dtype=torch.float32, device=q.device) if partial else n_image
@@ -271,13 +281,13 @@ def var_forward(
         *strides4(q), *strides4(k), *strides4(v), *strides4(out_rows), srb, srm, *classes.stride(), seb, sem,
         h, m, lk, d, split_len, float(scale), float(softcap or 1.0), *rule.values(),
         CODE_RULE=convention == "code", HAS_SOFTCAP=softcap is not None, UPCAST=upcast(q.dtype),
-        PRECISION=dot_precision(q.dtype), PARTIAL=partial, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
-        EVEN_D=t.block_d == d, num_warps=4, num_stages=t.num_stages,
+        PRECISION=dot_precision(q.dtype), PARTIAL=partial, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=t.block_d,
+        EVEN_D=t.block_d == d, num_warps=warps, num_stages=t.num_stages,
     )  # fmt: skip
     if partial:
         _var_merge[(triton.cdiv(m, block_m), b * h)](
             stats, accs, out_rows, selected, lo, hi, eligible, n_image, *strides4(out_rows), srb, srm, seb, sem,
             h, m, d, splits, *rule.values(), CODE_RULE=convention == "code", BLOCK_M=block_m, BLOCK_D=t.block_d,
-            num_warps=4,
+            num_warps=warps,
         )  # fmt: skip
     return out, selected.bool()
