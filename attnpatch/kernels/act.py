@@ -25,6 +25,7 @@ from . import backend
 from .attention import _attention_torch
 from .blocks import (
     DEFAULT_BLOCK_ELEMENTS,
+    attend,
     default_kv_heads,
     group_blocks,
     probs_,
@@ -181,7 +182,7 @@ def _calibrated_blocks(
         for r0, r1, k0, k1, logits in blocks:
             p = probs_(logits, lse[:, q_dev, r0:r1])
             p = calibrate_(p, group_sinks[..., k0:k1], beta=beta, rows=valid[:, :, r0:r1])
-            out[:, q_dev, r0:r1] = (p @ v_group[:, :, k0:k1]).to(q.dtype)
+            out[:, q_dev, r0:r1] = attend(p, v_group[:, :, k0:k1]).to(q.dtype)
             probs[:, q_dev, r0:r1, k0:k1] = p
     return out, probs
 

@@ -10,6 +10,7 @@ import torch
 from . import backend, platform_flash
 from .blocks import (
     DEFAULT_BLOCK_ELEMENTS,
+    attend,
     default_kv_heads,
     group_blocks,
     probs_,
@@ -91,5 +92,5 @@ def _attention_blocked(
         for r0, r1, k0, k1, logits in blocks:
             block_lse = torch.logsumexp(logits, dim=-1)
             lse[:, q_dev, r0:r1] = block_lse
-            out[:, q_dev, r0:r1] = (probs_(logits, block_lse) @ v_group[:, :, k0:k1]).to(out.dtype)
+            out[:, q_dev, r0:r1] = attend(probs_(logits, block_lse), v_group[:, :, k0:k1]).to(out.dtype)
     return out, lse

@@ -23,7 +23,12 @@ def default_kv_heads(hq: int, hkv: int) -> torch.Tensor:
 
 
 def replica_groups(kv_head_index: torch.Tensor, num_kv_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Split query heads into groups whose kv heads are distinct, so one batched matmul per group needs no repeat."""
+    """Groups of query heads that one batched product serves without repeating K/V: every head at once when each kv
+    head serves a consecutive run of query heads (the usual GQA layout; LogitBlocks folds each run into the rows),
+    else groups whose kv heads are distinct."""
+    hq = len(kv_head_index)
+    if num_kv_heads and hq % num_kv_heads == 0 and torch.equal(kv_head_index, default_kv_heads(hq, num_kv_heads)):
+        return [(torch.arange(hq), torch.arange(num_kv_heads))]
     seen: dict[int, int] = {}
     rank = []
     for kv in kv_head_index.tolist():
@@ -35,6 +40,20 @@ def replica_groups(kv_head_index: torch.Tensor, num_kv_heads: int) -> list[tuple
         q_idx = (rank_t == r).nonzero().flatten()
         groups.append((q_idx, kv_head_index[q_idx]))
     return groups
+
+
+def fold_heads(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, Hq, r, n] -> [B, Hkv, (Hq / Hkv) r, n]: each kv head's run of query heads as more rows."""
+    b, hq, r, n = x.shape
+    return x.reshape(b, kv_heads, (hq // kv_heads) * r, n)
+
+
+def attend(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p [B, Hq, r, k] @ v [B, Hkv, k, D] -> [B, Hq, r, D], each run of Hq / Hkv query heads on its kv head."""
+    if p.shape[1] == v.shape[1]:
+        return p @ v
+    b, hq, r, _ = p.shape
+    return (fold_heads(p, v.shape[1]) @ v).reshape(b, hq, r, v.shape[-1])
 
 
 def take_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -84,14 +103,19 @@ class LogitBlocks:
         self.start, self.end = rows if rows is not None else (0, self.lq)
 
     def _logits(self, r0: int, r1: int, k0: int, k1: int) -> torch.Tensor:
-        logits = (self.q[:, :, r0:r1].float() * self.scale) @ self.k[:, :, k0:k1].transpose(-1, -2)
+        q = self.q[:, :, r0:r1].float() * self.scale
+        keys = self.k[:, :, k0:k1].transpose(-1, -2)
+        if q.shape[1] == keys.shape[1]:
+            logits = q @ keys
+        else:  # GQA: one product per kv head over its query heads' rows
+            logits = (fold_heads(q, keys.shape[1]) @ keys).reshape(*q.shape[:3], k1 - k0)
         if self.softcap is not None:
             logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
-    def _ranges_block(self, r0: int, r1: int) -> LogitBlock:
+    def _ranges_block(self, r0: int, r1: int, extent: tuple[int, int, int, int]) -> LogitBlock:
         ranges = self.mask
-        k0, k1, f0, f1 = ranges.block_extent(r0, r1)
+        k0, k1, f0, f1 = extent
         logits = self._logits(r0, r1, k0, k1)
         parts = [(k0, min(max(f0, k0), k1)), (max(f1, k0), k1)] if f0 < f1 else [(k0, k1)]
         for c0, c1 in parts:
@@ -101,11 +125,13 @@ class LogitBlocks:
         return LogitBlock(r0, r1, k0, k1, logits)
 
     def __iter__(self) -> Iterator[LogitBlock]:
+        if isinstance(self.mask, KeyRanges):
+            extents = self.mask.block_extents(self.start, self.end, self.rows)
+            for i, r0 in enumerate(range(self.start, self.end, self.rows)):
+                yield self._ranges_block(r0, min(self.end, r0 + self.rows), extents[i])
+            return
         for r0 in range(self.start, self.end, self.rows):
             r1 = min(self.end, r0 + self.rows)
-            if isinstance(self.mask, KeyRanges):
-                yield self._ranges_block(r0, r1)
-                continue
             bias, visible = block_bias_and_visibility(
                 self.mask,
                 r0,

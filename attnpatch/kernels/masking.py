@@ -38,12 +38,25 @@ class KeyRanges:
     def block_extent(self, row_start: int, row_end: int) -> tuple[int, int, int, int]:
         """(k0, k1, f0, f1) for rows [row_start, row_end): [k0, k1) holds every key some row sees, [f0, f1) (empty
         when f0 >= f1) the keys every row sees. A causal block is masked only outside [f0, f1): its diagonal."""
-        lo, hi = self.lo[:, row_start:row_end], self.hi[:, row_start:row_end]
+        return self.block_extents(row_start, row_end, row_end - row_start)[0]
+
+    def block_extents(self, row_start: int, row_end: int, rows: int) -> list[tuple[int, int, int, int]]:
+        """`block_extent` of each block of `rows` rows in [row_start, row_end), computed at once."""
+        lo, hi = self.lo[:, row_start:row_end].long(), self.hi[:, row_start:row_end].long()
+        pad = -(row_end - row_start) % rows
+        big = int(max(int(hi.max()), int(lo.max()), 0)) + 1 if lo.numel() else 1
         seen = lo < hi
-        if not bool(seen.any()):
-            return 0, 0, 0, 0
-        k0, k1 = int(lo[seen].min()), int(hi[seen].max())
-        return k0, k1, int(lo.max()), int(hi.min())
+
+        def blocks(x: torch.Tensor, fill: int) -> torch.Tensor:  # [B, r] -> [blocks, B * rows]
+            x = torch.nn.functional.pad(x, (0, pad), value=fill)
+            return x.reshape(x.shape[0], -1, rows).transpose(0, 1).reshape(-1, x.shape[0] * rows)
+
+        k0 = blocks(torch.where(seen, lo, big), big).amin(1)
+        k1 = blocks(torch.where(seen, hi, -1), -1).amax(1)
+        f0, f1 = blocks(lo, -big).amax(1), blocks(hi, big).amin(1)
+        empty = k1 < 0
+        k0, k1 = torch.where(empty, 0, k0), torch.where(empty, 0, k1)
+        return list(zip(k0.tolist(), k1.tolist(), f0.tolist(), f1.tolist(), strict=True))
 
     def nonempty(self) -> torch.Tensor:
         """[B, Lq] bool: rows that see at least one key."""

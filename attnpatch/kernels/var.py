@@ -20,6 +20,7 @@ import torch
 from . import backend, platform_flash
 from .blocks import (
     DEFAULT_BLOCK_ELEMENTS,
+    attend,
     default_kv_heads,
     group_blocks,
     probs_,
@@ -176,7 +177,7 @@ def _var_torch(
                 # per-key weight: w_sink on sinks, 1 + gain on non-sink image keys, 1 elsewhere
                 sink_cols, ins_cols = block_columns[:, :, None, :, 0], block_columns[:, :, None, :, 2]
                 p.mul_(1.0 + (w_sink - 1.0)[..., None] * sink_cols + gain[..., None] * ins_cols)
-                out[:, q_dev, r0:r1] = (p @ v_group[:, :, k0:k1]).to(q.dtype)
+                out[:, q_dev, r0:r1] = attend(p, v_group[:, :, k0:k1]).to(q.dtype)
                 selected[:, q_dev, r0:r1] = chosen
                 if probs_out is not None:
                     probs_out[:, q_dev, r0:r1, k0:k1] = p
