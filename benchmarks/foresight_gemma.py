@@ -2,9 +2,9 @@
 
     python benchmarks/foresight_gemma.py --seeds 0 1 2 --steps 60 --batch-size 4 --threads 2
 
-Scenes: 2 subjects, 2 observed frames, 3 future frames (constant acceleration plus jitter), questions about the future
-(reach a region, meet, which leaves first), balanced answers. Per seed (data and LoRA init), equal budgets of
-optimiser steps and batch size:
+Scenes (defaults): 2 subjects, 2 observed frames, 2 future frames (constant acceleration plus jitter), questions
+about the future (reach a region, meet, which leaves first), balanced answers. Per seed (data and LoRA init), equal
+budgets of optimiser steps and batch size:
   (a) answer-only fine-tuning ("Answer: X");
   (b) FIT, trajectory first ("Trajectories: <relevant subjects' future boxes>\\nAnswer: X");
   (c) FPT (track one subject / track all, from the same training scenes) for half the steps, then FIT.
@@ -144,7 +144,8 @@ def evaluate(adapter, tokenizer, tests, kind: str, args) -> dict[str, Any]:
 
 
 def run_seed(model, tokenizer, seed: int, args) -> dict[str, Any]:
-    splits = make_splits(seed, {"train": args.train_size, "test": args.test_size})
+    scene = {"subjects": args.subjects, "observed": args.observed, "future": args.future}
+    splits = make_splits(seed, {"train": args.train_size, "test": args.test_size}, **scene)
     train, tests = splits["train"], splits["test"]
     enc = {
         "answer": [encode(question_task(s, q, "answer"), tokenizer) for s, q in train],
@@ -171,9 +172,10 @@ def run_seed(model, tokenizer, seed: int, args) -> dict[str, Any]:
             data, counted = budget_rows(batches(enc[stage], args.batch_size, pad, rng), steps)
             tokens = [tokens[0] + counted[0], tokens[1] + counted[1]]
 
-            def log(step, loss, stage=stage, variant=variant):
-                if step % 10 == 0:
-                    print(f"  seed {seed} {variant}/{stage} step {step}: loss {loss:.3f}", flush=True)
+            def log(step, loss, stage=stage, variant=variant, t0=t0):
+                if step % args.log_every == 0:
+                    elapsed = time.perf_counter() - t0
+                    print(f"  seed {seed} {variant}/{stage} step {step}: loss {loss:.3f} ({elapsed:.0f} s)", flush=True)
 
             losses += adapter.fit(iter(data), steps=steps, lr=args.lr, log=log)
         train_s = time.perf_counter() - t0
@@ -299,7 +301,11 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--lora-layers", type=int, nargs="+", default=list(range(9, 18)))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--subjects", type=int, default=2)
+    parser.add_argument("--observed", type=int, default=2)
+    parser.add_argument("--future", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default=os.path.join(RESULTS, "foresight_gemma"))
     args = parser.parse_args()
@@ -318,7 +324,8 @@ def main() -> None:
     for seed in args.seeds:
         per_seed[str(seed)] = run_seed(model, tokenizer, seed, args)
     report: dict[str, Any] = {
-        "task": "future-event questions about 2-subject scenes given as serialised boxes (2 observed, 3 future frames)",
+        "task": f"future-event questions about {args.subjects}-subject scenes given as serialised boxes "
+        f"({args.observed} observed, {args.future} future frames)",
         "model": MODEL,
         "dtype": "float32",
         "device": f"CPU ({os.cpu_count()} cores shared with other jobs), {args.threads} torch threads",

@@ -69,6 +69,19 @@ class AllowedTokens:
         return keep
 
 
+class RestrictedHead(nn.Module):
+    """An output layer that computes the logits of `ids` only and leaves the rest at -inf (full-size output)."""
+
+    def __init__(self, weight: torch.Tensor, ids: torch.Tensor):
+        super().__init__()
+        self.weight, self.ids = weight, ids.to(weight.device)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = hidden.new_full((*hidden.shape[:-1], self.weight.shape[0]), float("-inf"))
+        logits[..., self.ids] = hidden @ self.weight[self.ids].T.to(hidden.dtype)
+        return logits
+
+
 class ForesightAdapter(AttentionAdapterBase):
     """LoRA + the `adapter` patch on a causal LM or a LLaVA-style model; `self.model` is the PEFT model to call."""
 
@@ -189,17 +202,23 @@ class ForesightAdapter(AttentionAdapterBase):
 
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         processors = LogitsProcessorList([AllowedTokens(self.vocabulary)] if self.vocabulary is not None else [])
-        out = self.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            logits_processor=processors,
-            **generate_kwargs,
-        )
+        head = self.target.get_output_embeddings()
+        if self.vocabulary is not None:  # only the allowed rows of the output layer are computed
+            self.target.set_output_embeddings(RestrictedHead(head.weight, self.vocabulary))
+        try:
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                logits_processor=processors,
+                **generate_kwargs,
+            )
+        finally:
+            self.target.set_output_embeddings(head)
         new = out[:, inputs["input_ids"].shape[1] :]
         return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
