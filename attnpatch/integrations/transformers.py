@@ -369,7 +369,10 @@ class TransformersIntegration:
         context = stack.pop() if stack else None
         if context is None or context.state is None or context.cache is not None:
             return
-        cache = getattr(output, "past_key_values", None)
+        # transformers >= 5.25 names it `cache` (reading `past_key_values` there logs a deprecation warning)
+        cache = getattr(output, "cache", None)
+        if cache is None:
+            cache = getattr(output, "past_key_values", None)
         if cache is not None and hasattr(cache, "get_seq_length"):
             keep_sequence_state(cache, self._patch.key, context.state)
 
