@@ -1,6 +1,7 @@
 """Foresight fine-tuning (Merlin FPT/FIT) with Gemma-3 270M on serialised observations, CPU-sized.
 
-    python benchmarks/foresight_gemma.py --seeds 0 1 2 --steps 60 --batch-size 4 --threads 2
+    python benchmarks/foresight_gemma.py --seeds 0 1 2 --steps 30 --batch-size 4 --train-size 150 --test-size 80
+    # or one process per seed (--seeds 0 --out /tmp/s0, ...), then: --merge /tmp/s0.json /tmp/s1.json /tmp/s2.json
 
 Scenes (defaults): 2 subjects, 2 observed frames, 2 future frames (constant acceleration plus jitter), questions
 about the future (reach a region, meet, which leaves first), balanced answers. Per seed (data and LoRA init), equal
@@ -291,6 +292,34 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(report: dict[str, Any], out: str) -> None:
+    report["pooled"] = pooled(report)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+    with open(out + ".md", "w") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+
+
+def merge(paths: list[str], out: str) -> None:
+    """One report from runs of the same configuration over different seeds (run in parallel processes)."""
+    reports = [json.load(open(p)) for p in paths]
+    merged = dict(reports[0])
+    merged["seeds"] = [s for r in reports for s in r["seeds"]]
+    merged["per_seed"] = {k: v for r in reports for k, v in r["per_seed"].items()}
+    merged["config"] = {**reports[0]["config"], "seeds": merged["seeds"]}
+    for r in reports[1:]:
+        differ = {k for k in r["config"] if k != "seeds" and r["config"][k] != reports[0]["config"][k]}
+        if differ:
+            raise ValueError(f"{paths}: the runs differ in {sorted(differ)}")
+    merged["total_s"] = max(r["total_s"] for r in reports)
+    merged["runs"] = [{"seeds": r["seeds"], "total_s": r["total_s"]} for r in reports]
+    merged["device"] += f"; the seeds ran as {len(reports)} processes at once"
+    write(merged, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -308,7 +337,11 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default=os.path.join(RESULTS, "foresight_gemma"))
+    parser.add_argument("--merge", nargs="+", help="combine the JSON reports of runs over other seeds into --out")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -346,15 +379,8 @@ def main() -> None:
             "Chance: yes/no questions 0.5, 'which leaves first' 1/3 (each subject or none), balanced per kind.",
         ],
     }
-    report["pooled"] = pooled(report)
     report["total_s"] = round(time.perf_counter() - t_start, 1)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-        f.write("\n")
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(report))
-    print(markdown(report))
+    write(report, args.out)
 
 
 if __name__ == "__main__":
