@@ -172,8 +172,9 @@ def tiles(head_dim: int, dtype: torch.dtype, rows: int, kernel: str = "") -> Til
         return Tiles(32 if rows > 16 else 16, 32, block_d, 4, 1)
     if dtype == torch.float32:
         # exact fp32 products have no tensor-core form: Triton's FMA dot holds whole rows of q and columns of K^T in
-        # registers, and only 16 x 16 tiles compile without spills in every variant (64 x 64 spilled 27 KB)
-        return Tiles(16, 16, block_d, 8 if block_d <= 128 else 4, 1)
+        # registers, and only 16 x 16 tiles compile without spills in every variant (64 x 64 spilled 27 KB; at head
+        # dim 256, 4 and 8 warps each spilled in some variant, 16 warps in none)
+        return Tiles(16, 16, block_d, 8 if block_d <= 128 else 16, 1)
     block_m = 16 if rows <= 16 else (64 if block_d >= 256 else 128)
     block_n = 16 if block_d >= 256 and block_m == 16 else 64
     warps = 8 if block_m >= 128 or block_m * block_d >= 128 * 128 else 4  # fp32 accumulator <= 64 registers a thread

@@ -192,8 +192,9 @@ def _attention_calls(
                     var.var_forward, q, k, v, ranges, classes, weight.bool(), keep_fraction=0.6, rho=0.5, summ=0.2,
                     convention=convention, num_splits=splits, **kw,
                 )  # fmt: skip
-        if every_switch or not decode:  # a decode step takes its column mass from the logits by default
-            yield f"column_mass{tag}", partial(column_mass.column_mass_forward, q, k, lse, ranges, weight, **kw)
+        # a decode step takes its column mass from the logits by default, but a short chunk (assisted decoding's
+        # verification) runs the kernel with the same 16-row tiles
+        yield f"column_mass{tag}", partial(column_mass.column_mass_forward, q, k, lse, ranges, weight, **kw)
         index = torch.empty(r.b, r.hq, 4, dtype=torch.int32, device=META)
         yield f"act.sink_correction{tag}", partial(
             sink_correction.sink_correction_forward, q, k, v, plain, lse, ranges, weight, index, beta=0.4, guard=0.03,
