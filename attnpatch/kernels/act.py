@@ -222,9 +222,9 @@ def _sink_correction_torch(
         a_sink = p @ v_sink  # [B, Hq, r, D]
         valid = query_valid[:, None, r0:r1] & (s_mass > 0)
         active = valid & (s_mass < 1)
-        c = 1.0 + (1.0 - beta) * s_mass / (1.0 - s_mass).clamp_min(1e-30)
-        block = out[:, :, r0:r1]
-        block.copy_(torch.where(active[..., None], beta * a_sink + c[..., None] * (block - a_sink), block))
+        c = torch.where(active, 1.0 + (1.0 - beta) * s_mass / (1.0 - s_mass).clamp_min(1e-30), 1.0)
+        # o' = beta A_S + c (o - A_S) = c o + (beta - c) A_S, in place over the plain output
+        out[:, :, r0:r1].mul_(c[..., None]).add_(a_sink.mul_(torch.where(active, beta - c, 0.0)[..., None]))
         guarded[:, :, r0:r1] = valid & (1.0 - s_mass < TORCH_CLOSED_FORM_GUARD)
     if bool(guarded.any()):
         _exact_rows(
