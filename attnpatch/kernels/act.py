@@ -282,27 +282,35 @@ def _exact_rows(
     q, k, v, out, rows, sinks, *, scale, beta, softcap, kv_head_index, mask, causal=False, sliding_window=None,
     max_elements=1 << 22,
 ) -> None:  # fmt: skip
-    """Recompute the ACT output of the selected (batch, head, row) triples from their full logits, in place: one
-    (sequence, head) at a time, at most `max_elements` logits at once, K and V read in place."""
+    """Recompute the ACT output of the selected (batch, head, row) triples from their full logits, in place: the
+    picks of one (sequence, kv head) in row order, at most `max_elements` logits at once, each chunk only over the keys
+    its rows may see (KeyRanges), K and V read in place."""
     lq, lk = q.shape[2], k.shape[2]
     kv_heads = kv_head_index.to(q.device)
-    step = max(1, max_elements // max(1, lk))
-    for b, h in rows.any(-1).nonzero().tolist():
-        keys, values = k[b, kv_heads[h]].float(), v[b, kv_heads[h]].float()  # [Lk, D]
-        picked = rows[b, h].nonzero().flatten()
-        for start in range(0, len(picked), step):
-            ri = picked[start : start + step]
-            logits = (q[b, h, ri].float() * scale) @ keys.T  # [n, Lk]
+    step = max(1, min(256, max_elements // max(1, lk)))
+    some = rows.any(-1).nonzero()  # (sequence, head) pairs with a pick
+    for b, kv in torch.stack([some[:, 0], kv_heads[some[:, 1]]], 1).unique(dim=0).tolist():
+        heads = (kv_heads == kv).nonzero().flatten()
+        hi, ri = rows[b, heads].nonzero().unbind(1)
+        order = ri.argsort(stable=True)
+        hi, ri = heads[hi[order]], ri[order]
+        for start in range(0, len(ri), step):
+            h, r = hi[start : start + step], ri[start : start + step]
+            k0, k1 = 0, lk
+            if isinstance(mask, KeyRanges):
+                k0, k1 = int(mask.lo[b, r].min()), max(int(mask.hi[b, r].max()), int(mask.lo[b, r].min()))
+            logits = (q[b, h, r].float() * scale) @ k[b, kv, k0:k1].float().T  # [n, k1 - k0]
             if softcap is not None:
                 logits = softcap * torch.tanh(logits / softcap)
-            n = torch.full_like(ri, b), torch.full_like(ri, h)
-            bias, seen = rows_bias_and_visibility(mask, *n, ri, lq, lk, causal=causal, sliding_window=sliding_window)
+            bias, seen = rows_bias_and_visibility(
+                mask, torch.full_like(r, b), h, r, lq, lk, causal=causal, sliding_window=sliding_window
+            )
             if bias is not None:
-                logits = logits + bias
+                logits = logits + bias[:, k0:k1]
             if seen is not None:
-                logits = logits.masked_fill(~seen, float("-inf"))
-            p = calibrate_(torch.softmax(logits, dim=-1), sinks[b, h], beta=beta)
-            out[b, h, ri] = (p @ values).to(out.dtype)
+                logits = logits.masked_fill(~seen[:, k0:k1], float("-inf"))
+            p = calibrate_(torch.softmax(logits, dim=-1)[:, None], sinks[b, h, k0:k1], beta=beta).squeeze(1)
+            out[b, h, r] = (p @ v[b, kv, k0:k1].float()).to(out.dtype)
 
 
 def _accumulate(history: ColumnStats | None, colsum: torch.Tensor, count: torch.Tensor, key_offset: int) -> ColumnStats:
