@@ -10,7 +10,7 @@ import torch
 
 from . import __version__
 from .api import available_methods
-from .kernels import backend
+from .kernels import backend, platform_flash
 
 
 def _version(dist: str) -> str:
@@ -22,7 +22,15 @@ def _version(dist: str) -> str:
 
 def backends() -> list[tuple[str, bool, str]]:
     """(path, usable, why) for each compute path, and which one kernel ops take now."""
-    rows = [("torch (chunked PyTorch path)", True, "always available; runs every non-CUDA tensor by default")]
+    flash = platform_flash.unsupported(torch.zeros(1), softcap=None)
+    first_pass = "PyTorch's CPU flash kernel" if flash is None else f"blocks (no CPU flash kernel: {flash})"
+    rows = [
+        (
+            "torch (PyTorch path)",
+            True,
+            f"always available; runs every non-CUDA tensor by default; first pass on CPU: {first_pass}",
+        )
+    ]
     cuda = torch.device("cuda")
     cannot = backend.triton_unusable(cuda)
     if cannot is None and not torch.cuda.is_available():
