@@ -24,8 +24,9 @@ import torch
 
 import attnpatch
 from attnpatch.eval.runner import evaluate
+from attnpatch.eval.scoring import _build_rows
 from attnpatch.eval.stats import benjamini_hochberg, holm
-from attnpatch.eval.tasks import task_sizes
+from attnpatch.eval.tasks import load_task
 from attnpatch.models import load
 from attnpatch.profiles import Profile
 
@@ -36,18 +37,33 @@ ALPHA = 0.05
 
 
 def _profile(model, tok, name: str, args: argparse.Namespace, out: str) -> tuple[Profile, dict]:
-    """The given profile, the one saved by an earlier run, or a new calibration on the calibration parts."""
+    """The given profile, the one saved by an earlier run, or a new calibration on the calibration parts; with a
+    record of its calibration (items, tasks, seconds, from the profile's metadata)."""
     path = args.profile or os.path.join(out, "profile")
-    if os.path.isfile(os.path.join(path, "attnpatch_config.json")):
-        return Profile.load(path), {"path": path, "calibrated_now": False}
-    started = time.perf_counter()
-    profile = attnpatch.calibrate(
-        model, tok, args.tasks, limit=args.cal_limit, screen_layers=args.screen_layers, batch_size=args.batch_size,
-        checkpoint=os.path.join(out, "profile.checkpoint.jsonl"),
-    )  # fmt: skip
-    profile.save(path)
-    seconds = time.perf_counter() - started
-    return profile, {"path": path, "calibrated_now": True, "seconds": seconds, "cal_items_per_task": args.cal_limit}
+    calibrated_now = not os.path.isfile(os.path.join(path, "attnpatch_config.json"))
+    if calibrated_now:
+        profile = attnpatch.calibrate(
+            model, tok, args.tasks, limit=args.cal_limit, screen_layers=args.screen_layers,
+            batch_size=args.batch_size, checkpoint=os.path.join(out, "profile.checkpoint.jsonl"),
+        )  # fmt: skip
+        profile.save(path)
+    else:
+        profile = Profile.load(path)
+    meta = profile.metadata or {}
+    record = {
+        "path": os.path.relpath(path),
+        "calibrated_now": calibrated_now,
+        "calibration_items": meta.get("items"),
+        "calibration_tasks": meta.get("tasks"),
+        "seconds": (meta.get("seconds") or {}).get("total"),
+    }
+    return profile, record
+
+
+def scored_tokens(tok, task: str, limit: int | None = None) -> int:
+    """Tokens the scorer feeds the model for the first `limit` eval items of `task` (its rows, all options)."""
+    rows, _ = _build_rows(tok, load_task(task, limit=limit))
+    return sum(len(r.ids) for r in rows)
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict:
@@ -62,7 +78,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     done = {}
     for task in args.tasks:
         path = os.path.join(out, f"{task}.json")
-        if os.path.isfile(path) and not args.limit:
+        if os.path.isfile(path):  # done by an earlier run into this folder (a slice has a folder of its own)
             with open(path) as f:
                 done[task] = json.load(f)
             continue
@@ -74,7 +90,13 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         with open(path, "w") as f:
             json.dump(done[task], f)
         print(f"{name} {task}: {json.dumps({k: round(v, 1) for k, v in report.seconds.items()})}", flush=True)
-    return {"tasks": done, "profile": record}
+    tokens = {}
+    if args.limit:  # what the slice scored and what the whole eval parts of every default task would
+        tokens = {
+            "slice": {task: scored_tokens(tok, task, args.limit) for task in args.tasks},
+            "whole": {task: scored_tokens(tok, task) for task in TASKS},
+        }
+    return {"tasks": done, "profile": record, "tokens": tokens}
 
 
 def corrected(runs: dict) -> list[dict]:
@@ -86,7 +108,7 @@ def corrected(runs: dict) -> list[dict]:
                 for metric in data["metrics"]:
                     paired = result[metric].get("paired")
                     if paired is not None:
-                        rows.append(dict(model=model, task=task, config=config, metric=metric, n=result["n"], **paired))
+                        rows.append(dict(model=model, task=task, config=config, metric=metric, **paired))
     for metric in {r["metric"] for r in rows}:  # one family per metric: the two metrics ask the same question twice
         family = [r for r in rows if r["metric"] == metric]
         p = [r["p_mcnemar"] for r in family]
@@ -95,25 +117,31 @@ def corrected(runs: dict) -> list[dict]:
     return rows
 
 
-def extrapolate(runs: dict, limit: int | None) -> dict:
-    """Seconds the whole eval parts would take at the measured seconds per item (per model, task and config)."""
-    if not limit:
-        return {}
-    sizes = task_sizes(sorted({t for run in runs.values() for t in run["tasks"]}))
+def extrapolate(runs: dict) -> dict:
+    """Hours the whole eval parts of every default task would take (3 configurations, calibration not included), at
+    the seconds per scored token the slice measured (for tasks it ran, their own rate; for the others, the slice's
+    overall rate)."""
     out = {}
     for model, run in runs.items():
-        total = 0.0
-        for task, data in run["tasks"].items():
-            n = next(iter(data["results"][task].values()))["n"]
-            total += sum(s for s in data["seconds"].values()) / n * sizes[task]["eval"]
-        out[model] = round(total)
+        if not run["tokens"]:
+            continue
+        seconds = {task: sum(data["seconds"].values()) for task, data in run["tasks"].items()}
+        rate = {task: seconds[task] / run["tokens"]["slice"][task] for task in seconds}
+        overall = sum(seconds.values()) / sum(run["tokens"]["slice"].values())
+        whole = run["tokens"]["whole"]
+        out[model] = {
+            "hours": round(sum(rate.get(task, overall) * n for task, n in whole.items()) / 3600, 2),
+            "tokens_whole": whole,
+            "seconds_per_token": {task: round(r, 6) for task, r in rate.items()},
+        }
     return out
 
 
 def markdown(summary: dict) -> str:
+    per_metric = len(summary["comparisons"]) // max(len({r["metric"] for r in summary["comparisons"]}), 1)
     lines = [
         f"ACT on {'the first ' + str(summary['limit']) + ' items of ' if summary['limit'] else ''}the eval parts "
-        f"({summary['device']}); Holm and BH over all {len(summary['comparisons'])} comparisons per metric.",
+        f"({summary['device']}); Holm and BH over the {per_metric} comparisons of each metric.",
         "",
         "| model | task | n | config | metric | diff | 95% CI | p | p Holm | p BH | survives |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -126,8 +154,20 @@ def markdown(summary: dict) -> str:
             f"{100 * lo:+.1f}..{100 * hi:+.1f} | {r['p_mcnemar']:.2g} | {r['p_holm_run']:.2g} | {r['p_bh_run']:.2g} | "
             f"{verdict} |"
         )
-    for model, seconds in summary.get("full_run_estimate_s", {}).items():
-        lines.append(f"\nWhole eval parts for {model}, extrapolated: {seconds / 3600:.1f} h (3 configurations).")
+    for model, estimate in summary["full_run_estimate"].items():
+        lines.append(
+            f"\nWhole eval parts of {', '.join(estimate['tokens_whole'])} for {model} "
+            f"({sum(estimate['tokens_whole'].values())} scored tokens), extrapolated per token from this run: "
+            f"{estimate['hours']:.1f} h (3 configurations, calibration not included; short rows, as COPA's, cost more "
+            "per token than long ones, so a slice of the long tasks, e.g. boolq or hellaswag, estimates better)."
+        )
+    for model, record in summary["profiles"].items():
+        if record.get("seconds"):
+            minutes, items = record["seconds"] / 60, record["calibration_items"]
+            lines.append(
+                f"\nProfile for {model}: calibrated in {minutes:.1f} min on {items} calibration items of "
+                f"{record['calibration_tasks']}; heads {record['heads']}."
+            )
     return "\n".join(lines)
 
 
@@ -166,7 +206,7 @@ def main() -> None:
             for name, run in runs.items()
         },  # fmt: skip
         "comparisons": corrected(runs),
-        "full_run_estimate_s": extrapolate(runs, args.limit),
+        "full_run_estimate": extrapolate(runs),
     }
     with open(os.path.join(args.out, "act_full_eval.json"), "w") as f:
         json.dump(summary, f, indent=1)
