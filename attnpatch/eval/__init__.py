@@ -13,24 +13,29 @@ from .ocw import (
     parse_connections,
     parse_groups,
 )
+from .metrics import METRICS, continuation_length, pick
 from .scoring import choose, option_logprobs, score_items
-from .stats import accuracy, bootstrap_ci, mcnemar_exact, paired_comparison
+from .stats import accuracy, benjamini_hochberg, bootstrap_ci, holm, mcnemar_exact, paired_comparison
 from .tasks import Item, available_tasks, load_task, task_sizes
 
 __all__ = [
+    "METRICS",
     "Item",
     "OCWDataError",
     "OCWReport",
     "Wall",
     "accuracy",
     "available_tasks",
+    "benjamini_hochberg",
     "best_partition",
     "chance_reference",
     "bootstrap_ci",
     "choose",
     "connection_metrics",
+    "continuation_length",
     "evaluate_ocw",
     "grouping_metrics",
+    "holm",
     "load_task",
     "load_walls",
     "mcnemar_exact",
@@ -38,6 +43,7 @@ __all__ = [
     "paired_comparison",
     "parse_connections",
     "parse_groups",
+    "pick",
     "score_items",
     "task_sizes",
 ]
