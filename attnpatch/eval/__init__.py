@@ -1,5 +1,6 @@
 """Evaluation harness: multiple-choice tasks, batched log-likelihood scoring, paired statistics, Only Connect Wall."""
 
+from .metrics import METRICS, continuation_length, pick
 from .ocw import (
     OCWDataError,
     OCWReport,
@@ -13,7 +14,6 @@ from .ocw import (
     parse_connections,
     parse_groups,
 )
-from .metrics import METRICS, continuation_length, pick
 from .scoring import choose, option_logprobs, score_items
 from .stats import accuracy, benjamini_hochberg, bootstrap_ci, holm, mcnemar_exact, paired_comparison
 from .tasks import Item, available_tasks, load_task, task_sizes
