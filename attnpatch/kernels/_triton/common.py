@@ -176,7 +176,9 @@ def tiles(head_dim: int, dtype: torch.dtype, rows: int, kernel: str = "") -> Til
         # dim 256, 4 and 8 warps each spilled in some variant, 16 warps in none)
         return Tiles(16, 16, block_d, 8 if block_d <= 128 else 16, 1)
     block_m = 16 if rows <= 16 else (64 if block_d >= 256 else 128)
-    block_n = 16 if block_d >= 256 and block_m == 16 else 64
+    # without spills: 128 x 64 at head dim 128 spilled on sm_80 (Triton 3.6), so 32 keys where rows x head dim is
+    # 128 x 128 (also 64 x 256); 16 x 32 at head dim 256 spilled on sm_90
+    block_n = 32 if block_m * block_d == 128 * 128 else 16 if block_d >= 256 and block_m == 16 else 64
     warps = 8 if block_m >= 128 or block_m * block_d >= 128 * 128 else 4  # fp32 accumulator <= 64 registers a thread
     return Tiles(block_m, block_n, block_d, warps, 2 if block_d >= 256 else 3)
 
