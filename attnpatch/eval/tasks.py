@@ -13,8 +13,9 @@ the parts, and the demonstrations (`Item.demo_ids`), can be checked for overlap 
 
 Prompts are written in the zero/few-shot log-likelihood ("cloze") style of lm-eval-harness and the OLMo evaluations:
 each option is a continuation of the context starting with a space, scored by its log-probability. At 0 shots they
-are lm-eval's default templates (lm-eval 0.4: arc_easy, arc_challenge, piqa, boolq, hellaswag, openbookqa, cb; mmlu is
-`mmlu_continuation`), the same strings item by item (`attnpatch.eval.harness`, tests/eval/test_harness.py), except:
+are lm-eval's default templates (lm-eval 0.4: arc_easy, arc_challenge, piqa, boolq, hellaswag, openbookqa, cb), the
+same strings item by item (`attnpatch.eval.harness`, tests/eval/test_harness.py; mmlu follows `mmlu_continuation`'s
+YAML, not compared by a test), except:
 copa (lm-eval's choices carry a space of their own on top of the target delimiter, so its options start with two
 spaces; ours with one), sst2 (ours "Review: ...\nSentiment:"; lm-eval's "{sentence}\nQuestion: Is this sentence
 positive or negative?\nAnswer:") and commonsense_qa (lm-eval's default lists lettered choices and scores the letter;
