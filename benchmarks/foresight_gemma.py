@@ -125,8 +125,9 @@ def evaluate(adapter, tokenizer, tests, kind: str, args) -> dict[str, Any]:
     if kind == "fit":
         model_scores = [s for r in records for s in r["_scores"][0]]
         cv_scores = [s for r in records for s in r["_scores"][1]]
-        paired = [(m.ade, c.ade) for m, c in zip(model_scores, cv_scores, strict=True) if m.ade is not None]
-        paired_f = [(m.fde, c.fde) for m, c in zip(model_scores, cv_scores, strict=True) if m.fde is not None]
+        both = list(zip(model_scores, cv_scores, strict=True))  # pairs where model and baseline both have a value
+        paired = [(m.ade, c.ade) for m, c in both if m.ade is not None and c.ade is not None]
+        paired_f = [(m.fde, c.fde) for m, c in both if m.fde is not None and c.fde is not None]
         out["trajectories"] = {
             "model": summarise(model_scores),
             "constant_velocity_all": summarise(cv_scores),
@@ -219,8 +220,8 @@ def pooled(report: dict[str, Any]) -> dict[str, Any]:
         }
         if variant != "answer":
             trajs = [t for r in items for t in r["trajectories"]]
-            with_ade = [t for t in trajs if t["ade"] is not None]
-            with_fde = [t for t in trajs if t["fde"] is not None]
+            with_ade = [t for t in trajs if t["ade"] is not None and t["cv_ade"] is not None]
+            with_fde = [t for t in trajs if t["fde"] is not None and t["cv_fde"] is not None]
             row.update(
                 {
                     "ade_per_seed": [ev["trajectories"]["model"]["ade"] for ev in per],
