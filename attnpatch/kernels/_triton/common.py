@@ -173,8 +173,8 @@ def tiles(head_dim: int, dtype: torch.dtype, rows: int, kernel: str = "") -> Til
     if dtype == torch.float32:
         # exact fp32 products have no tensor-core form: Triton's FMA dot holds whole rows of q and columns of K^T in
         # registers, and only 16 x 16 tiles compile without spills in every variant (64 x 64 spilled 27 KB; at head
-        # dim 256, 4 and 8 warps each spilled in some variant, 16 warps in none)
-        return Tiles(16, 16, block_d, 8 if block_d <= 128 else 16, 1)
+        # dim 256 the decode variants spilled at 4 and 8 warps, the prefill ones at 4 and 16)
+        return Tiles(16, 16, block_d, 16 if block_d > 128 and rows <= 16 else 8, 1)
     block_m = 16 if rows <= 16 else (64 if block_d >= 256 else 128)
     # without spills: 128 x 64 at head dim 128 spilled on sm_80 (Triton 3.6), so 32 keys where rows x head dim is
     # 128 x 128 (also 64 x 256); 16 x 32 at head dim 256 spilled on sm_90
