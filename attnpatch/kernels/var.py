@@ -149,10 +149,14 @@ def _var_torch(
     geometry = dict(mask=mask, causal=causal, sliding_window=sliding_window)
     changing = rows.any(0).cpu()
     if not return_probs and platform_flash.unsupported(q, softcap=softcap) is None:
-        # rows VAR leaves alone from PyTorch's flash kernel, the others recomputed block by block
+        # rows VAR leaves alone from PyTorch's flash kernel, the others recomputed block by block; without a mask,
+        # one causal kernel call over every row (which skips the hidden tiles itself) beats row blocks with masks
+        # unless VAR changes most rows
+        one_call = mask is None and 2 * int(changing.sum()) <= lq
         plain, _ = platform_flash.flash_with_lse(
-            q, k, v, scale=scale, kv_head_index=kv_head_index, row_spans=true_runs(~changing), **geometry
-        )
+            q, k, v, scale=scale, kv_head_index=kv_head_index, row_spans=None if one_call else true_runs(~changing),
+            **geometry,
+        )  # fmt: skip
         out, spans = plain.to(q.dtype), true_runs(changing)
     else:
         out, spans = torch.empty(b, hq, lq, d, dtype=q.dtype, device=device), [(0, lq)]
