@@ -14,6 +14,9 @@
 # inside the device tool's 600 s per command); a stage that would start with under 30 s left is skipped (exit status
 # "skipped"). The benchmarks write their JSON after every shape, so a stage cut short keeps what it measured.
 # --smoke: the benchmarks' tiny shapes, on CPU too: a check of this script, not a measurement.
+# Per stage, TIMEOUT_<stage> overrides STAGE_TIMEOUT and ARGS_<stage> adds arguments to its command (for example
+# ARGS_attention="--lengths 1024 4096 --repeats 20"); PYTEST_ARGS adds pytest options (for example "-n 8 --timeout 120"
+# with pytest-xdist and pytest-timeout) and TESTS replaces the test paths.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -55,7 +58,9 @@ run_stage() { # name, command...: run with a time limit, log it, record its exit
         printf '%s\tskipped\t0s\n' "$name" | tee -a "$RESULTS/stages.tsv"
         return
     fi
-    [ "$limit" -lt "$STAGE_TIMEOUT" ] || limit=$STAGE_TIMEOUT
+    local own="TIMEOUT_$name"
+    own=${!own:-$STAGE_TIMEOUT}
+    [ "$limit" -lt "$own" ] || limit=$own
     echo "=== $name (at most ${limit}s): $*" | tee -a "$LOG"
     if declare -F "$1" >/dev/null; then "$@"; else timeout "$limit" "$@"; fi 2>&1 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
@@ -92,16 +97,21 @@ EOF
 # overrides the list)
 DEFAULT_TESTS="tests/kernels tests/methods"
 read -r -a GPU_TESTS <<<"${TESTS:-$DEFAULT_TESTS}"
+read -r -a PYTEST_EXTRA <<<"${PYTEST_ARGS:-}"
+stage_args() { # the words of ARGS_<stage>
+    local own="ARGS_$1"
+    read -r -a EXTRA <<<"${!own:-}"
+}
 for stage in "${STAGES[@]}"; do
     case "$stage" in
     env) run_stage env env_report ;;
     tests) run_stage tests "${PYP[@]}" -m pytest -q -p no:cacheprovider -rfEs --junitxml="$RESULTS/gpu_tests.xml" \
-        "${GPU_TESTS[@]}" ;;
-    attention) run_stage attention "$PY" benchmarks/bench_attention.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
-    var) run_stage var "$PY" benchmarks/bench_var.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
-    outlook) run_stage outlook "$PY" benchmarks/bench_outlook.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
-    generate) run_stage generate "$PY" benchmarks/bench_generate.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
-    tiles) run_stage tiles "$PY" benchmarks/tune_tiles.py --out-dir "$RESULTS" "${SMOKE[@]}" ;;
+        "${PYTEST_EXTRA[@]}" "${GPU_TESTS[@]}" ;;
+    attention) stage_args attention && run_stage attention "$PY" benchmarks/bench_attention.py --out-dir "$RESULTS" "${SMOKE[@]}" "${EXTRA[@]}" ;;
+    var) stage_args var && run_stage var "$PY" benchmarks/bench_var.py --out-dir "$RESULTS" "${SMOKE[@]}" "${EXTRA[@]}" ;;
+    outlook) stage_args outlook && run_stage outlook "$PY" benchmarks/bench_outlook.py --out-dir "$RESULTS" "${SMOKE[@]}" "${EXTRA[@]}" ;;
+    generate) stage_args generate && run_stage generate "$PY" benchmarks/bench_generate.py --out-dir "$RESULTS" "${SMOKE[@]}" "${EXTRA[@]}" ;;
+    tiles) stage_args tiles && run_stage tiles "$PY" benchmarks/tune_tiles.py --out-dir "$RESULTS" "${SMOKE[@]}" "${EXTRA[@]}" ;;
     esac
 done
 
