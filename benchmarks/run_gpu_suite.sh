@@ -5,8 +5,9 @@
 #
 #   bash benchmarks/run_gpu_suite.sh [--smoke] [STAGE ...]
 #
-# STAGE: env, tests, attention, var, outlook, generate, tiles (the tile sweep of tune_tiles.py); `bench` = the four
-# benchmarks; default: all but tiles.
+# STAGE: env, tests, attention, var, outlook, generate, profile (profile_calls.py: host vs device time, launches and
+# read-backs per op call), tiles (the tile sweep of tune_tiles.py); `bench` = the four benchmarks; default: all but
+# profile and tiles.
 # Results go to $RESULTS (default /tmp/attnpatch_gpu_suite); where $OUT is set (the device tool), they are packed into
 # $OUT/gpu_suite.tar.gz and the log is copied beside it. Unpack the archive into benchmarks/results/ and commit it.
 # A stage that fails or outruns its time is recorded in stages.tsv and the next one runs. Times: each stage at most
@@ -30,9 +31,9 @@ for arg in "$@"; do
     case "$arg" in
     --smoke) SMOKE=(--smoke) ;;
     bench) STAGES+=(attention var outlook generate) ;;
-    env | tests | attention | var | outlook | generate | tiles) STAGES+=("$arg") ;;
+    env | tests | attention | var | outlook | generate | profile | tiles) STAGES+=("$arg") ;;
     *)
-        echo "unknown argument $arg (stages: env tests attention var outlook generate tiles bench; --smoke)" >&2
+        echo "unknown argument $arg (stages: env tests attention var outlook generate profile tiles bench; --smoke)" >&2
         exit 2
         ;;
     esac
@@ -111,6 +112,7 @@ for stage in "${STAGES[@]}"; do
     var) stage_args var && run_stage var "$PY" benchmarks/bench_var.py --out-dir "$RESULTS" "${SMOKE[@]}" "${EXTRA[@]}" ;;
     outlook) stage_args outlook && run_stage outlook "$PY" benchmarks/bench_outlook.py --out-dir "$RESULTS" "${SMOKE[@]}" "${EXTRA[@]}" ;;
     generate) stage_args generate && run_stage generate "$PY" benchmarks/bench_generate.py --out-dir "$RESULTS" "${SMOKE[@]}" "${EXTRA[@]}" ;;
+    profile) stage_args profile && run_stage profile "$PY" benchmarks/profile_calls.py --out-dir "$RESULTS" "${SMOKE[@]}" "${EXTRA[@]}" ;;
     tiles) stage_args tiles && run_stage tiles "$PY" benchmarks/tune_tiles.py --out-dir "$RESULTS" "${SMOKE[@]}" "${EXTRA[@]}" ;;
     esac
 done
