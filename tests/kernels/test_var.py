@@ -14,6 +14,7 @@ from attnpatch.kernels import backend, kernel_options, reference
 from attnpatch.kernels.masking import padding_ranges
 from attnpatch.kernels.var import var_attention
 
+from devices import TRITON_DEVICE, on_triton_device
 from kernel_inputs import causal_mask
 
 SCALE = 0.25
@@ -45,6 +46,13 @@ def run(path, q, k, v, **kw):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(backend.ENV_VAR, path)
         return var_attention(q, k, v, scale=SCALE, return_selected=True, **kw)
+
+
+def on_path_device(path, *xs):
+    """The arguments where `path` runs: on TRITON_DEVICE for the Triton kernel, left on the CPU for PyTorch."""
+    if path == "triton":
+        return on_triton_device(*xs)
+    return xs[0] if len(xs) == 1 else xs
 
 
 def oracle(q, k, v, *, sinks, image, rows=None, **kw):
@@ -88,27 +96,28 @@ def test_matches_oracle(path, convention, case, key_ranges):
     q, k, v, sinks, img = var_inputs(b, hq, hkv, lq, lk, d, seed=list(CASES).index(case))
     rows = torch.zeros(b, lq, dtype=torch.bool)
     rows[:, first_row:] = True
+    q, k, v, sinks, img, rows = on_path_device(path, q, k, v, sinks, img, rows)
     rule = dict(keep_fraction=0.6, rho=0.5 if convention == "code" else 0.8, summ=0.2, convention=convention)
     want = oracle(q, k, v, sinks=sinks, image=img, rows=rows, causal=causal, **rule)
     got = run(path, q, k, v, sinks=sinks, image=img, rows=rows, causal=causal, **rule)
     n = int(want["selected"].sum())
     assert 0 < n and (n < rows.sum() * hq or lq == 1), f"inputs must select some rows and leave others ({n})"
-    assert torch.equal(got.selected.cpu(), want["selected"])
-    torch.testing.assert_close(got.out.double().cpu(), want["out"], atol=2e-5, rtol=0)
+    assert torch.equal(got.selected, want["selected"])
+    torch.testing.assert_close(got.out.double(), want["out"], atol=2e-5, rtol=0)
     changed = (want["out"] - reference.attention(q, k, v, scale=SCALE, causal=causal)[0]).abs().amax()
     assert changed > 1e-2  # the rule really moved the output
 
 
 @pytest.mark.parametrize("path", paths())
 def test_fp16_within_twice_torch_error(path):
-    q, k, v, sinks, img = var_inputs(1, 4, 2, 33, 33, 32, dtype=torch.float16)
-    rows = torch.arange(33)[None] >= 20
+    q, k, v, sinks, img = on_path_device(path, *var_inputs(1, 4, 2, 33, 33, 32, dtype=torch.float16))
+    rows = torch.arange(33, device=q.device)[None] >= 20
     want = oracle(q, k, v, sinks=sinks, image=img, rows=rows, causal=True)
     lowp = reference.var(q, k, v, scale=SCALE, sinks=sinks, image=img, rows=rows, causal=True)["probs"].half()
     lowp_out = (lowp @ v.repeat_interleave(2, dim=1)).double()
     budget = 2 * (lowp_out - want["out"]).abs().max() + 1e-5
     got = run(path, q, k, v, sinks=sinks, image=img, rows=rows, causal=True)
-    assert (got.out.double().cpu() - want["out"]).abs().max() <= budget
+    assert (got.out.double() - want["out"]).abs().max() <= budget
 
 
 @pytest.mark.parametrize("path", paths())
@@ -130,13 +139,14 @@ def test_left_padding_per_row_spans_and_two_images(path, key_ranges):
     rows[0, 26:] = True
     rows[1, 22:30] = True
     rows[1, 38:] = True
+    q, k, v, sinks, img, pad, mask, rows = on_path_device(path, q, k, v, sinks, img, pad, mask, rows)
     want = oracle(q, k, v, sinks=sinks, image=img, rows=rows, mask=mask)
     for m in (mask, padding_ranges(pad, lk, causal=True)) if path == "triton" else (mask,):
         got = run(path, q, k, v, sinks=sinks, image=img, rows=rows, mask=m)
-        assert torch.equal(got.selected.cpu(), want["selected"])
+        assert torch.equal(got.selected, want["selected"])
         assert want["selected"][1].any() and want["selected"][0].any()
         torch.testing.assert_close(
-            got.out.double().cpu()[rows[:, None].expand(-1, h, -1)],
+            got.out.double()[rows[:, None].expand(-1, h, -1)],
             want["out"][rows[:, None].expand(-1, h, -1)],
             atol=2e-5,
             rtol=0,
@@ -145,9 +155,9 @@ def test_left_padding_per_row_spans_and_two_images(path, key_ranges):
 
 @pytest.mark.parametrize("path", paths())
 def test_keep_one_no_visual_sink_and_no_rows_are_identity(path):
-    q, k, v, sinks, img = var_inputs(1, 4, 2, 30, 30, 16)
+    q, k, v, sinks, img = on_path_device(path, *var_inputs(1, 4, 2, 30, 30, 16))
     plain = reference.attention(q, k, v, scale=SCALE, causal=True)[0]
-    rows = torch.arange(30)[None] >= 20
+    rows = torch.arange(30, device=q.device)[None] >= 20
     cases = [
         dict(sinks=sinks, image=img, rows=rows, keep_fraction=1.0),
         dict(sinks=sinks & ~img, image=img, rows=rows),  # only a text sink: no visual sink, nothing selected
@@ -195,8 +205,9 @@ def test_decode_folded_groups_equal_one_program_per_head(monkeypatch, splits):
     pad = torch.ones(3, 60, dtype=torch.bool)
     pad[1, :5] = False
     pad[2] = False
+    q, k, v, sinks, img, pad = on_triton_device(q, k, v, sinks, img, pad)
     mask = padding_ranges(pad, 1, causal=True)
-    rows = torch.tensor([[True], [False], [True]])  # sequence 1's query may not be changed
+    rows = torch.tensor([[True], [False], [True]], device=TRITON_DEVICE)  # sequence 1's query may not be changed
     rule = dict(keep_fraction=0.6, rho=0.8, summ=0.2, convention="paper")
     want = oracle(q, k, v, sinks=sinks, image=img, rows=rows, mask=mask, **rule)
     assert want["selected"][0].any() and not want["selected"][0].all() and not want["selected"][1].any()
@@ -204,8 +215,8 @@ def test_decode_folded_groups_equal_one_program_per_head(monkeypatch, splits):
     for fold in (True, False):
         with kernel_options(fold_decode_groups=fold):
             got = run("triton", q, k, v, sinks=sinks, image=img, rows=rows, mask=mask, **rule)
-        assert torch.equal(got.selected.cpu(), want["selected"])
-        torch.testing.assert_close(got.out.double().cpu(), want["out"], atol=2e-5, rtol=0)
+        assert torch.equal(got.selected, want["selected"])
+        torch.testing.assert_close(got.out.double(), want["out"], atol=2e-5, rtol=0)
         assert got.out[2].abs().max() == 0
         runs.append(got)
     assert (runs[0].out - runs[1].out).abs().max() <= 1e-6
