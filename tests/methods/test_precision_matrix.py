@@ -1,12 +1,13 @@
 """ACT and VAR in every dtype, base and mask geometry, on both compute paths, against the float64 oracle.
 
-fp32 / fp16 / bf16 x `eager` / `sdpa` x (no padding, left padding, sliding window) x (PyTorch path, Triton in the
-interpreter). Every patched attention call of a tiny model with planted sinks is captured as the method hands it to
-the op, and the oracle (attnpatch.kernels.reference, float64) recomputes it from the same low-precision q/k/v. The
-oracle does not read the model's mask: its visibility is rebuilt from the 2-D padding mask, causality and the window,
-so a misread additive mask (fp16's finfo.min is -65504) shows as other sinks. Checks: the same sink sets (ACT: keys;
-VAR: sink tokens by massive activation, recomputed in float64 from the same hidden states) and outputs within the
-field's rule (2x the error of the same attention done in PyTorch at the input dtype, + 1e-5).
+fp32 / fp16 / bf16 x `eager` / `sdpa` x (no padding, left padding, sliding window) x (PyTorch path on the CPU,
+Triton on TRITON_DEVICE: the GPU, else the interpreter); model, inputs and oracle sit on the path's device. Every
+patched attention call of a tiny model with planted sinks is captured as the method hands it to the op, and the
+oracle (attnpatch.kernels.reference, float64) recomputes it from the same low-precision q/k/v. The oracle does not
+read the model's mask: its visibility is rebuilt from the 2-D padding mask, causality and the window, so a misread
+additive mask (fp16's finfo.min is -65504) shows as other sinks. Checks: the same sink sets (ACT: keys; VAR: sink
+tokens by massive activation, recomputed in float64 from the same hidden states) and outputs within the field's rule
+(2x the error of the same attention done in PyTorch at the input dtype, + 1e-5).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import attnpatch.methods.var as var_method
 from attnpatch.integrations.structure import layer_input, text_decoder_layers
 from attnpatch.kernels import backend, reference
 
+from devices import TRITON_DEVICE
 from tiny_models import (
     SINK_DIMS,
     SINK_TOKEN,
@@ -44,19 +46,22 @@ PATHS = ["torch", "triton"]
 
 
 @pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
+def device(request, monkeypatch) -> torch.device:
+    """The compute path under test (ATTNPATCH_BACKEND), as the device its model, inputs and oracle run on: the CPU
+    for the PyTorch path, TRITON_DEVICE (the GPU, else the CPU under the interpreter) for Triton."""
     if request.param == "triton" and (
         backend.triton_version() is None or not (torch.cuda.is_available() or backend.interpreting())
     ):
         pytest.skip("needs triton on CUDA or TRITON_INTERPRET=1")
     monkeypatch.setenv(backend.ENV_VAR, request.param)
-    return request.param
+    return TRITON_DEVICE if request.param == "triton" else torch.device("cpu")
 
 
 def visibility(pad: torch.Tensor, lq: int, lk: int, *, causal: bool, window: int | None) -> torch.Tensor:
-    """[B, 1, Lq, Lk] bool from first principles: real keys, not after the query, inside the window."""
-    rows = torch.arange(lk - lq, lk)[:, None]
-    cols = torch.arange(lk)[None, :]
+    """[B, 1, Lq, Lk] bool from first principles: real keys, not after the query, inside the window (on pad's
+    device)."""
+    rows = torch.arange(lk - lq, lk, device=pad.device)[:, None]
+    cols = torch.arange(lk, device=pad.device)[None, :]
     visible = pad.bool()[:, None, None, :lk].expand(-1, 1, lq, lk).clone()
     if causal:
         visible &= cols <= rows
@@ -66,13 +71,15 @@ def visibility(pad: torch.Tensor, lq: int, lk: int, *, causal: bool, window: int
 
 
 def dtype_error(q, k, v, visible, valid, scale) -> float:
-    """Max error of plain attention computed by PyTorch at the input dtype against the float64 oracle."""
+    """Max error of plain attention computed by PyTorch at the input dtype (on q's device) against the float64
+    oracle, over the valid rows. (Rows that see no key are left out with `where`, not a product: a CUDA kernel may
+    leave NaN there, and NaN * 0 is NaN.)"""
     hq, hkv = q.shape[1], k.shape[1]
     low = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1), attn_mask=visible, scale=scale
     )
     exact, _ = reference.attention(q, k, v, scale=scale, mask=visible)
-    return float(((low.double() - exact) * valid[:, None, :, None]).abs().max())
+    return float(torch.where(valid[:, None, :, None], low.double() - exact, 0.0).abs().max())
 
 
 def assert_accurate(out, exact, q, k, v, visible, valid, scale) -> None:
@@ -106,9 +113,10 @@ def record(monkeypatch, module, name: str) -> list:
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("base", ["sdpa", "eager"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_act_matches_the_float64_oracle(dtype, base, geometry, path, monkeypatch):
+def test_act_matches_the_float64_oracle(dtype, base, geometry, device, monkeypatch):
     model = planted_sink_model(base, "qwen2" if geometry == "sliding window" else "llama").to(DTYPES[dtype])
-    ids, pad = left_padded_batch(TEXT[geometry])
+    model = model.to(device)
+    ids, pad = (x.to(device) for x in left_padded_batch(TEXT[geometry]))
     calls = record(monkeypatch, act_method, "act_attention")
     with torch.no_grad(), attnpatch.patched(model, "act", heads="all", **ACT):
         model(ids, attention_mask=pad)
@@ -131,15 +139,15 @@ def test_act_matches_the_float64_oracle(dtype, base, geometry, path, monkeypatch
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("base", ["sdpa", "eager"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_var_matches_the_float64_oracle(dtype, base, geometry, path, monkeypatch):
+def test_var_matches_the_float64_oracle(dtype, base, geometry, device, monkeypatch):
     model = tiny_llava(sliding_window=12 if geometry == "sliding window" else None)
     model.set_attn_implementation(base)
-    model = model.to(DTYPES[dtype])
+    model = model.to(DTYPES[dtype]).to(device)
     text = {"no padding": ([11, 12], [20, 21]), "left padding": ([11, 12], [20, 21, 22, 23])}
     other = ([13, 14], [24, 25]) if geometry != "left padding" else ([13], [24])
     first = text.get(geometry, ([11, 12], [20, 21, 22, 23, 26, 27]))
-    ids, pad = left_padded_batch([llava_prompt(*first), llava_prompt(*other)])
-    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(DTYPES[dtype])
+    ids, pad = (x.to(device) for x in left_padded_batch([llava_prompt(*first), llava_prompt(*other)]))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(DTYPES[dtype]).to(device)
     hidden: dict[int, torch.Tensor] = {}
 
     def keep_input(index: int):

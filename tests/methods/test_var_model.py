@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from attnpatch import apply, available_methods
 from attnpatch.kernels import backend
 
+from devices import TRITON_DEVICE, on_triton_device
 from tiny_models import (
     BOS,
     IMAGE_TOKEN,
@@ -131,13 +134,15 @@ def test_two_images_per_sequence(llava):
 
 @pytest.mark.skipif(backend.triton_version() is None, reason="triton is not installed")
 def test_triton_path_generates_the_same_tokens(llava, batch, monkeypatch):
+    """Both paths on TRITON_DEVICE (a copy of the shared model: the other tests keep theirs on the CPU)."""
     if not torch.cuda.is_available() and not backend.interpreting():
         pytest.skip("no CUDA and TRITON_INTERPRET is not set")
-    with apply(llava, "var", **VAR):
+    model, inputs = copy.deepcopy(llava).to(TRITON_DEVICE), on_triton_device(batch)
+    with apply(model, "var", **VAR):
         monkeypatch.setenv(backend.ENV_VAR, "torch")
-        want, want_logits = greedy(llava, batch, 3), logits(llava, batch)
+        want, want_logits = greedy(model, inputs, 3), logits(model, inputs)
         monkeypatch.setenv(backend.ENV_VAR, "triton")
-        got, got_logits = greedy(llava, batch, 3), logits(llava, batch)
+        got, got_logits = greedy(model, inputs, 3), logits(model, inputs)
     assert torch.equal(got, want)
     torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=0)
 
