@@ -20,6 +20,7 @@ from attnpatch import UnsupportedModelError
 from attnpatch.kernels import backend, outlook, reference
 from attnpatch.kernels.outlook import outlook_attention
 
+from devices import TRITON_DEVICE
 from tiny_models import sharpen, tiny_volo
 
 CASES = {
@@ -33,8 +34,11 @@ CASES = {
 }
 
 
-def make_inputs(case: str, dtype: torch.dtype, *, strided: bool = False, seed: int = 0, device: str = "cpu"):
-    """(logits, v, geometry kwargs); `strided`: non-contiguous views, as a caller may hand them over."""
+def make_inputs(
+    case: str, dtype: torch.dtype, *, strided: bool = False, seed: int = 0, device: torch.device | str = "cpu"
+):
+    """(logits, v, geometry kwargs) on `device` (drawn on the CPU: the same values everywhere); `strided`:
+    non-contiguous views, as a caller may hand them over."""
     b, h, w, heads, head_dim, k, pad, stride = CASES[case]
     gh, gw = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     g = torch.Generator().manual_seed(seed)
@@ -77,7 +81,7 @@ def triton_backend(monkeypatch):
     if not torch.cuda.is_available() and not backend.interpreting():
         pytest.skip("no CUDA and TRITON_INTERPRET is not set")
     monkeypatch.setenv(backend.ENV_VAR, "triton")
-    return "cuda" if torch.cuda.is_available() else "cpu"  # the device whose tensors the Triton path gets
+    return TRITON_DEVICE  # the device whose tensors the Triton path gets
 
 
 @pytest.fixture
@@ -128,7 +132,7 @@ def test_gradient_of_one_input(path, monkeypatch):
     if path == "triton" and not (torch.cuda.is_available() or backend.interpreting()):
         pytest.skip("no CUDA and TRITON_INTERPRET is not set")
     monkeypatch.setenv(backend.ENV_VAR, path)
-    device = "cuda" if path == "triton" and torch.cuda.is_available() else "cpu"
+    device = TRITON_DEVICE if path == "triton" else torch.device("cpu")
     logits, v, geo = make_inputs("k3-s2-odd", torch.float32, device=device)
     ref_v = v.double().requires_grad_()
     reference.outlook(logits.double(), ref_v, **geo).sum().backward()
@@ -140,10 +144,10 @@ def test_gradient_of_one_input(path, monkeypatch):
 
 def test_forced_triton_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "triton")
-    logits, v, geo = make_inputs("k3-s2-odd", torch.float64)
+    logits, v, geo = make_inputs("k3-s2-odd", torch.float64, device=TRITON_DEVICE)
     with pytest.raises(backend.BackendError, match="float64"):
         outlook_attention(logits, v, **geo)
-    logits, v, geo = make_inputs("k3-s2-odd", torch.float32)
+    logits, v, geo = make_inputs("k3-s2-odd", torch.float32, device=TRITON_DEVICE)
     with pytest.raises(backend.BackendError, match="dropout"):
         outlook_attention(logits, v, dropout_p=0.1, **geo)
 

@@ -1,5 +1,8 @@
 """Triton kernels (in Triton's CPU interpreter here, on the GPU with the `gpu` suite) against the float64 oracle.
 
+Inputs are drawn on the CPU (same seeds, same values everywhere) and moved to TRITON_DEVICE, where the kernels, the
+oracle and the PyTorch-path baselines all run.
+
 Every call forces ATTNPATCH_BACKEND=triton, so a kernel that cannot take an input fails loudly instead of quietly
 handing it to the PyTorch path. Tolerance rule of the field: error vs the fp64 oracle at most twice the error of the
 same math in PyTorch (our PyTorch path for fp32, the math in the input dtype for fp16) plus 1e-5.
@@ -16,6 +19,7 @@ from attnpatch.kernels.attention import attention
 from attnpatch.kernels.column_mass import ColumnStats, column_mass
 from attnpatch.kernels.masking import KeyRanges, padding_ranges
 
+from devices import TRITON_DEVICE, on_triton_device
 from kernel_inputs import causal_mask, planted
 
 pytestmark = pytest.mark.skipif(backend.triton_version() is None, reason="triton is not installed")
@@ -28,13 +32,13 @@ def triton_backend(monkeypatch):
     if not torch.cuda.is_available() and not backend.interpreting():
         pytest.skip("no CUDA and TRITON_INTERPRET is not set")
     monkeypatch.setenv(backend.ENV_VAR, "triton")
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return TRITON_DEVICE
 
 
 def strided(b, h, length, d, *, dtype, seed):
-    """Random [B, H, L, D] as transformers passes it: a transposed view of [B, L, H, D] memory."""
+    """Random [B, H, L, D] as transformers passes it: a transposed view of [B, L, H, D] memory, on TRITON_DEVICE."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, length, h, d, generator=g).to(dtype).transpose(1, 2)
+    return torch.randn(b, length, h, d, generator=g).to(dtype).to(TRITON_DEVICE).transpose(1, 2)
 
 
 def lowp_attention(q, k, v, **kw):
@@ -90,9 +94,9 @@ def test_attention_left_padding_and_cache_offsets(triton_backend, lq):
     q = strided(2, 4, lq, d, dtype=torch.float32, seed=4)
     k = strided(2, 2, lk, d, dtype=torch.float32, seed=5)
     v = strided(2, 2, lk, d, dtype=torch.float32, seed=6)
-    pad = torch.ones(2, lk, dtype=torch.long)
+    pad = torch.ones(2, lk, dtype=torch.long, device=TRITON_DEVICE)
     pad[1, :11] = 0
-    mask4d = causal_mask(2, lq, lk, pad=[0, 11])
+    mask4d = on_triton_device(causal_mask(2, lq, lk, pad=[0, 11]))
     ref_out, _ = reference.attention(q, k, v, scale=0.2, mask=mask4d)
     for mask in (mask4d, padding_ranges(pad, lq)):
         out = attention(q, k, v, scale=0.2, mask=mask)
@@ -102,7 +106,9 @@ def test_attention_left_padding_and_cache_offsets(triton_backend, lq):
 def test_attention_rows_that_see_nothing_give_zero(triton_backend):
     q = strided(1, 2, 5, 16, dtype=torch.float32, seed=7)
     k = strided(1, 2, 9, 16, dtype=torch.float32, seed=8)
-    ranges = KeyRanges(lo=torch.tensor([[0, 3, 9, 4, 0]], dtype=torch.int32), hi=torch.tensor([[9, 3, 9, 2, 1]]))
+    ranges = on_triton_device(
+        KeyRanges(lo=torch.tensor([[0, 3, 9, 4, 0]], dtype=torch.int32), hi=torch.tensor([[9, 3, 9, 2, 1]]))
+    )
     out, lse = attention(q, k, k, mask=ranges, return_lse=True)
     assert out[:, :, 1:4].abs().max() == 0 and torch.isinf(lse[:, :, 1:4]).all()
     ref_out, _ = reference.attention(q, k, k, scale=0.25, mask=ranges)
@@ -111,8 +117,7 @@ def test_attention_rows_that_see_nothing_give_zero(triton_backend):
 
 @pytest.mark.parametrize("lq, lk, hkv", [(77, 77, 4), (1, 130, 1), (7, 40, 2)])
 def test_column_mass_matches_oracle(triton_backend, lq, lk, hkv):
-    q, k, v = planted(2, 4, hkv, lq, lk, 32, seed=lq)
-    mask = causal_mask(2, lq, lk, pad=[0, 5])
+    q, k, v, mask = on_triton_device(*planted(2, 4, hkv, lq, lk, 32, seed=lq), causal_mask(2, lq, lk, pad=[0, 5]))
     _, lse = attention(q, k, v, scale=0.25, mask=mask, return_lse=True)
     stats = column_mass(q, k, lse, scale=0.25, mask=mask)
     ref = reference.act(q, k, v, mask=mask, **ACT)
@@ -133,8 +138,8 @@ ACT_CASES = {
 @pytest.mark.parametrize("case", list(ACT_CASES))
 def test_act_matches_oracle(triton_backend, case):
     b, hq, hkv, lq, lk, d, pad, extra = ACT_CASES[case]
-    q, k, v = planted(b, hq, hkv, lq, lk, d, sinks=(0, 5, 9), seed=lq + hq)
-    geometry = dict(mask=causal_mask(b, lq, lk, pad=pad)) if "causal" not in extra else {}
+    q, k, v = on_triton_device(*planted(b, hq, hkv, lq, lk, d, sinks=(0, 5, 9), seed=lq + hq))
+    geometry = on_triton_device(dict(mask=causal_mask(b, lq, lk, pad=pad)) if "causal" not in extra else {})
     ref = reference.act(q, k, v, **ACT, **geometry, **extra)
     fast = act_attention(q, k, v, **ACT, **geometry, **extra)
     slow = torch_path(act_attention, q, k, v, **ACT, **geometry, **extra)
@@ -146,8 +151,8 @@ def test_act_matches_oracle(triton_backend, case):
 
 
 def test_act_fp16_within_twice_torch_error(triton_backend):
-    q, k, v = planted(2, 4, 2, 33, 33, 32, dtype=torch.float16, seed=3)
-    mask = causal_mask(2, 33, 33, pad=[0, 4])
+    q, k, v = on_triton_device(*planted(2, 4, 2, 33, 33, 32, dtype=torch.float16, seed=3))
+    mask = on_triton_device(causal_mask(2, 33, 33, pad=[0, 4]))
     ref = reference.act(q, k, v, mask=mask, **ACT)
     fast = act_attention(q, k, v, mask=mask, **ACT)
     low = (ref["probs"].to(torch.float16) @ v.repeat_interleave(2, dim=1)).double()
@@ -158,11 +163,12 @@ def test_act_fp16_within_twice_torch_error(triton_backend):
 def test_act_decode_steps_continue_the_statistic(triton_backend):
     """Prefill then three one-token steps with the running history: each step equals the oracle given the same
     history, and the Triton and PyTorch paths carry identical sink sets forward."""
-    q, k, v = planted(2, 4, 2, 24, 24, 16, sinks=(0, 3), seed=11)
+    q, k, v = on_triton_device(*planted(2, 4, 2, 24, 24, 16, sinks=(0, 3), seed=11))
     pad = [0, 5]
-    state = act_attention(q[:, :, :21], k[:, :, :21], v[:, :, :21], mask=causal_mask(2, 21, 21, pad=pad), **ACT)
+    prefill_mask = on_triton_device(causal_mask(2, 21, 21, pad=pad))
+    state = act_attention(q[:, :, :21], k[:, :, :21], v[:, :, :21], mask=prefill_mask, **ACT)
     for t in range(21, 24):
-        mask = causal_mask(2, 1, t + 1, pad=pad)
+        mask = on_triton_device(causal_mask(2, 1, t + 1, pad=pad))
         history = (state.stats.colsum, state.stats.count)
         ref = reference.act(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], mask=mask, history=history, **ACT)
         step = act_attention(
@@ -175,8 +181,8 @@ def test_act_decode_steps_continue_the_statistic(triton_backend):
 
 def test_act_sliding_cache_key_offset(triton_backend):
     """Keys of a sliding-window cache start at an absolute offset: the history is indexed by absolute position."""
-    q, k, v = planted(1, 2, 1, 1, 12, 16, sinks=(2,), seed=5)
-    history = ColumnStats(colsum=torch.rand(1, 2, 30) * 3, count=torch.full((1, 1, 30), 6.0))
+    q, k, v = on_triton_device(*planted(1, 2, 1, 1, 12, 16, sinks=(2,), seed=5))
+    history = on_triton_device(ColumnStats(colsum=torch.rand(1, 2, 30) * 3, count=torch.full((1, 1, 30), 6.0)))
     ref = reference.act(q, k, v, history=(history.colsum, history.count), key_offset=18, **ACT)
     fast = act_attention(q, k, v, history=history, key_offset=18, **ACT)
     assert torch.equal(fast.sinks, ref["sinks"][..., 18:])
@@ -186,9 +192,9 @@ def test_act_sliding_cache_key_offset(triton_backend):
 def test_act_rows_with_sink_mass_near_one_are_exact(triton_backend):
     """When the corrected sinks hold almost all of a row's mass, o - A_S is mostly rounding error; those rows are
     recomputed from full logits and still match the oracle."""
-    q, k, v = planted(1, 2, 1, 20, 20, 16, sinks=(2, 3), seed=2)
+    q, k, v = on_triton_device(*planted(1, 2, 1, 20, 20, 16, sinks=(2, 3), seed=2))
     k[:, :, 2:4] *= 4.0  # two overwhelming sinks; keep_first_sink=False so both are corrected
-    mask = causal_mask(1, 20, 20)
+    mask = on_triton_device(causal_mask(1, 20, 20))
     kw = dict(ACT, keep_first_sink=False, mask=mask)
     ref = reference.act(q, k, v, **kw)
     probs = reference.attention_probs(q, k, scale=0.25, mask=mask)
@@ -210,7 +216,7 @@ def test_act_rows_with_sink_mass_near_one_are_exact(triton_backend):
     ],
 )
 def test_forced_triton_rejects_what_it_cannot_run(triton_backend, make, message):
-    x, kw = make()
+    x, kw = on_triton_device(*make())
     if "mask" in kw and kw["mask"].dtype == torch.bool:
         kw["mask"][..., 0] = True
         kw["mask"][..., 1] = False
@@ -263,7 +269,7 @@ def test_split_kv_decode_merges_exactly(triton_backend, lq, splits):
     q = strided(2, 8, lq, 32, dtype=torch.float32, seed=9)
     k = strided(2, 2, lk, 32, dtype=torch.float32, seed=10)
     v = strided(2, 2, lk, 32, dtype=torch.float32, seed=11)
-    pad = torch.ones(2, lk, dtype=torch.long)
+    pad = torch.ones(2, lk, dtype=torch.long, device=TRITON_DEVICE)
     pad[1, :100] = 0  # sequence 1 only has keys in the last splits
     ranges = padding_ranges(pad, lq)
     out, lse = flash_forward(q, k, v, ranges, scale=0.2, num_splits=splits)
@@ -285,18 +291,18 @@ def test_decode_folded_groups_and_logits(triton_backend, heads, splits):
     q = strided(3, 8, 1, d, dtype=torch.float32, seed=12)
     k = strided(3, 2, lk, d, dtype=torch.float32, seed=13)
     v = strided(3, 2, lk, d, dtype=torch.float32, seed=14)
-    kv_index = None if heads == "groups" else torch.tensor([1, 0, 0, 1, 1, 0, 1, 0])
-    pad = torch.ones(3, lk, dtype=torch.long)
+    kv_index = None if heads == "groups" else torch.tensor([1, 0, 0, 1, 1, 0, 1, 0], device=TRITON_DEVICE)
+    pad = torch.ones(3, lk, dtype=torch.long, device=TRITON_DEVICE)
     pad[1, :33] = 0
     pad[2] = 0
     ranges = padding_ranges(pad, 1)
     assert common.decode_group(q, k, kv_index) == (4 if heads == "groups" else 1)
-    kv_rep = torch.arange(8) // 4 if kv_index is None else kv_index
+    kv_rep = torch.arange(8, device=TRITON_DEVICE) // 4 if kv_index is None else kv_index
     ref_out, ref_lse = reference.attention(q, k[:, kv_rep], v[:, kv_rep], scale=0.2, mask=ranges)
     logits_ref, visible = reference._masked_logits(q, k[:, kv_rep], scale=0.2, mask=ranges)
     runs = []
     for fold in (True, False):
-        logits = torch.full((3, 8, 1, lk), float("-inf"))
+        logits = torch.full((3, 8, 1, lk), float("-inf"), device=TRITON_DEVICE)
         with kernel_options(fold_decode_groups=fold):
             out, lse = flash.flash_forward(
                 q, k, v, ranges, scale=0.2, kv_head_index=kv_index, num_splits=splits, logits_out=logits
@@ -315,20 +321,20 @@ def test_decode_folded_groups_and_logits(triton_backend, heads, splits):
 def test_act_decode_mass_from_logits(triton_backend):
     """A decode step takes the column mass from the flash pass's logits: the oracle's statistic (history included)
     and sinks, and the same as the column-mass kernel's; a padded row of a padded prompt counts nothing."""
-    q, k, v = planted(2, 8, 2, 1, 40, 32, sinks=(0, 6), seed=21)
+    q, k, v = on_triton_device(*planted(2, 8, 2, 1, 40, 32, sinks=(0, 6), seed=21))
     pad = [0, 9]
     g = torch.Generator().manual_seed(3)
     mean = torch.where(torch.rand(2, 8, 39, generator=g) > 0.9, 0.3, 0.02)  # clear of the threshold either way
     history = ColumnStats(colsum=mean * 9.0, count=torch.full((2, 1, 39), 9.0))
     history.count[1, :, :9] = 0.0
     history.colsum[1, :, :9] = 0.0
-    mask = causal_mask(2, 1, 40, pad=pad)
+    history, mask = on_triton_device(history, causal_mask(2, 1, 40, pad=pad))
     ref = reference.act(q, k, v, mask=mask, history=(history.colsum, history.count), **ACT)
     runs = {}
     for from_logits in (True, False):
         with kernel_options(decode_mass_from_logits=from_logits):
             runs[from_logits] = act_attention(q, k, v, mask=mask, history=history, **ACT)
-            skip_row_1 = torch.tensor([[True], [False]])
+            skip_row_1 = torch.tensor([[True], [False]], device=TRITON_DEVICE)
             step = act_attention(q, k, v, mask=mask, history=history, query_valid=skip_row_1, **ACT)
         assert torch.equal(runs[from_logits].sinks, ref["sinks"])
         assert (runs[from_logits].stats.colsum.double() - ref["colsum"]).abs().max() <= 1e-6
@@ -343,8 +349,9 @@ def test_tile_overrides_change_tiles_not_results(triton_backend):
     still match the oracle (ACT through all three prefill kernels, left padding included)."""
     from attnpatch.kernels._triton import common
 
-    q, k, v = planted(2, 4, 2, 45, 45, 32, sinks=(0, 7), seed=31)
-    mask = causal_mask(2, 45, 45, pad=[0, 6])
+    q, k, v, mask = on_triton_device(
+        *planted(2, 4, 2, 45, 45, 32, sinks=(0, 7), seed=31), causal_mask(2, 45, 45, pad=[0, 6])
+    )
     ref = reference.act(q, k, v, mask=mask, **ACT)
     fixed = {kernel: Tiles(16, 16, 0, 4, 1) for kernel in ("flash", "column_mass", "sink_correction")}
     with kernel_options(tiles=fixed):
@@ -399,15 +406,18 @@ def test_patched_forward_converts_its_mask_once(triton_backend, monkeypatch):
     calls = []
     convert = masking._mask_ranges
     monkeypatch.setattr(masking, "_mask_ranges", lambda *a, **kw: calls.append(1) or convert(*a, **kw))
-    model = tiny_model("llama")
+    model = tiny_model("llama").to(TRITON_DEVICE)
     ids = torch.randint(1, 60, (2, 9), generator=torch.Generator().manual_seed(0))
     pad = torch.ones(2, 9, dtype=torch.long)
     pad[1, :3] = 0
+    ids, pad = on_triton_device(ids, pad)
     with attnpatch.patched(model, "act", heads="all") as patch, torch.inference_mode():
         model(ids, attention_mask=pad)
         assert len(calls) == 1 and patch.integration.current() is None
-        with pytest.raises(IndexError):
-            model(torch.full_like(ids, 10**6), attention_mask=pad)  # raises in the embedding
+        # raises in the embedding (float ids, not out-of-range ones: on CUDA those trip a device-side assert that
+        # breaks the process's CUDA context instead of raising)
+        with pytest.raises(RuntimeError, match="indices"):
+            model(ids.float(), attention_mask=pad)
         model(ids, attention_mask=pad)
         assert len(calls) == 2 and patch.integration.current() is None
 
