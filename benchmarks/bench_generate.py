@@ -26,7 +26,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +36,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "helpers")]
 
 from common import (  # noqa: E402
     add_run_options,
+    call_ms,
     cleanup,
     describe_path,
     eager_act,
@@ -113,27 +113,6 @@ def apply_variant(model, variant: str) -> attnpatch.Patch | None:
     if variant == "act_eager":
         return attnpatch.apply(model, EagerACT.name)
     raise ValueError(variant)
-
-
-def call_ms(fn: Callable[[], object], cuda: bool, warmup: int, repeats: int) -> list[float]:
-    """Times of `repeats` calls of `fn` after `warmup` untimed ones (CUDA events around each call, or wall clock)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-    return times
 
 
 def generate_fn(model, ids: torch.Tensor, new_tokens: int) -> Callable[[], torch.Tensor]:

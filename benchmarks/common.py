@@ -132,6 +132,27 @@ class Timer:
         return [start.elapsed_time(end) for start, end in events]
 
 
+def call_ms(fn: Callable[[], object], cuda: bool, warmup: int, repeats: int) -> list[float]:
+    """Times of `repeats` calls of `fn` after `warmup` untimed ones (CUDA events around each call, or wall clock)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def timing_note(cuda: bool) -> str:
     return "CUDA events, L2 flushed before each run" if cuda else "time.perf_counter"
 

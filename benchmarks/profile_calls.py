@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from bench_var import VAR, layout
-from common import ACT, DIMS, SMOKE_DIMS, Shape, device_name, make_inputs, sdpa_call, slug, versions
+from common import ACT, DIMS, SMOKE_DIMS, Shape, call_ms, device_name, make_inputs, sdpa_call, slug, versions
 
 SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 READBACK_NAMES = ("aten::item", "aten::_local_scalar_dense")
@@ -45,23 +45,6 @@ def providers(shape: Shape, q, k, v) -> dict:
             var_attention(q, k, v, scale=scale, sinks=sinks, image=image, rows=rows, causal=causal, **VAR).out
         ),
     }
-
-
-def device_ms(fn, cuda: bool, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def host_ms(fn, cuda: bool, repeats: int) -> float:
@@ -122,7 +105,7 @@ def main() -> None:
             try:
                 for _ in range(3):
                     fn()
-                row["device_ms"] = device_ms(fn, cuda, args.repeats)
+                row["device_ms"] = statistics.median(call_ms(fn, cuda, 0, args.repeats))
                 row["host_ms"] = host_ms(fn, cuda, args.repeats)
                 row.update(counts(fn, cuda))
             except Exception as e:  # recorded, the run goes on

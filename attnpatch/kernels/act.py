@@ -48,7 +48,6 @@ from .options import current_kernel_options
 # but on an H200 (Triton 3.6) fp32 ACT missed the oracle rule by 1.5x (2.9e-5 against a 1.9e-5 bound), as the
 # PyTorch path on CPU did at 0.03 and 0.05.
 CLOSED_FORM_GUARD = 0.1
-TORCH_CLOSED_FORM_GUARD = CLOSED_FORM_GUARD
 
 
 @dataclass
@@ -194,7 +193,7 @@ def _sink_correction_torch(
     sliding_window,
 ) -> torch.Tensor:  # fmt: skip
     """ACT's output from the plain one (float32) by the closed form o' = beta A_S + c (o - A_S) over the few sink
-    keys, one block of rows at a time; rows whose non-sink mass is below TORCH_CLOSED_FORM_GUARD are recomputed
+    keys, one block of rows at a time; rows whose non-sink mass is below CLOSED_FORM_GUARD are recomputed
     exactly."""
     index = sink_index(sinks)
     if index is None:
@@ -227,7 +226,7 @@ def _sink_correction_torch(
         c = torch.where(active, 1.0 + (1.0 - beta) * s_mass / (1.0 - s_mass).clamp_min(1e-30), 1.0)
         # o' = beta A_S + c (o - A_S) = c o + (beta - c) A_S, in place over the plain output
         out[:, :, r0:r1].mul_(c[..., None]).add_(a_sink.mul_(torch.where(active, beta - c, 0.0)[..., None]))
-        guarded[:, :, r0:r1] = valid & (1.0 - s_mass < TORCH_CLOSED_FORM_GUARD)
+        guarded[:, :, r0:r1] = valid & (1.0 - s_mass < CLOSED_FORM_GUARD)
     if bool(guarded.any()):
         _exact_rows(
             q, k, v, out, guarded, sinks, scale=scale, beta=beta, softcap=softcap, kv_head_index=kv_head_index,

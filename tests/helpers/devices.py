@@ -28,7 +28,12 @@ def moved(x: Any, device: torch.device | str) -> Any:
     return x
 
 
+def on_device(device: torch.device | str, *xs: Any) -> Any:
+    """The arguments moved to `device` (one value for one argument, else a tuple)."""
+    out = tuple(moved(x, device) for x in xs)
+    return out[0] if len(out) == 1 else out
+
+
 def on_triton_device(*xs: Any) -> Any:
     """The arguments moved to TRITON_DEVICE (one value for one argument, else a tuple)."""
-    out = tuple(moved(x, TRITON_DEVICE) for x in xs)
-    return out[0] if len(out) == 1 else out
+    return on_device(TRITON_DEVICE, *xs)

@@ -14,7 +14,7 @@ from attnpatch.kernels import backend, kernel_options, reference
 from attnpatch.kernels.masking import padding_ranges
 from attnpatch.kernels.var import var_attention
 
-from devices import TRITON_DEVICE, on_triton_device
+from devices import TRITON_DEVICE, on_device, on_triton_device
 from kernel_inputs import causal_mask
 
 SCALE = 0.25
@@ -50,9 +50,7 @@ def run(path, q, k, v, **kw):
 
 def on_path_device(path, *xs):
     """The arguments where `path` runs: on TRITON_DEVICE for the Triton kernel, left on the CPU for PyTorch."""
-    if path == "triton":
-        return on_triton_device(*xs)
-    return xs[0] if len(xs) == 1 else xs
+    return on_device(TRITON_DEVICE if path == "triton" else "cpu", *xs)
 
 
 def oracle(q, k, v, *, sinks, image, rows=None, **kw):
