@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import eager_act  # the authors' eager pipeline, shared with the GPU benchmarks
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADS, KV_HEADS, HEAD_DIM = 4, 1, 256
@@ -78,22 +79,6 @@ def peak_extra_mb(run) -> float:
 # ------------------------------------------------------------------------------------------------ the parts
 
 
-def eager_act(q, k, v, *, scale: float, beta: float, threshold: float) -> torch.Tensor:
-    """The authors' eager pipeline, vectorised (our re-expression, not their code): repeat K/V for every query head,
-    materialise the [B, H, L, L] causal softmax, column means over visible rows, drop the first sink, rescale."""
-    hq, lq = q.shape[1], q.shape[2]
-    k = k.repeat_interleave(hq // k.shape[1], dim=1)
-    v = v.repeat_interleave(hq // v.shape[1], dim=1)
-    causal = torch.ones(lq, lq, dtype=torch.bool).tril()
-    probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf")), dim=-1)
-    mean = probs.sum(dim=2) / torch.arange(lq, 0, -1)  # key j is seen by L - j rows
-    sinks = mean > threshold
-    sinks = sinks.scatter(-1, sinks.to(torch.uint8).argmax(-1, keepdim=True), False)
-    s = (probs * sinks[:, :, None]).sum(-1, keepdim=True)
-    weights = torch.where(sinks[:, :, None], torch.full_like(s, beta), (1 - beta * s) / (1 - s))
-    return (probs * weights) @ v
-
-
 def layer_providers(tokens: int) -> dict:
     """name -> zero-argument run for one Gemma-shaped layer of `tokens` tokens (planted sinks, LLaVA-style VAR)."""
     from attnpatch.kernels.act import act_attention
@@ -125,7 +110,7 @@ def layer_providers(tokens: int) -> dict:
         "var": lambda: var_attention(q, k, v, scale=scale, sinks=sinks, image=image, rows=rows, causal=True),
     }
     if tokens <= EAGER_MAX_TOKENS:
-        providers["act eager"] = lambda: eager_act(q, k, v, scale=scale, **ACT)
+        providers["act eager"] = lambda: eager_act(q, k, v, scale=scale, causal=True, **ACT)[0]
     return providers
 
 

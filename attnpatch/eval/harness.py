@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .configs import Config, describe, patch_context
-from .metrics import METRICS, check_metrics
+from .configs import Config, patch_context
+from .metrics import METRICS
 from .runner import EvalReport
 from .tasks import demo_rows, task_rows
 
@@ -174,15 +174,8 @@ def evaluate_lm_eval(
     from lm_eval.models.huggingface import HFLM
 
     configs = dict(configs or {"unpatched": None})
-    report = EvalReport(
-        model=model_name or type(model).__name__,
-        configs={name: describe(c) for name, c in configs.items()},
-        tasks=list(tasks),
-        shots=shots,
-        part=part,
-        limit=limit,
-        metrics=list(check_metrics(metrics)),
-        harness="lm-eval",
+    report = EvalReport.start(
+        model, model_name, configs, tasks, shots=shots, part=part, limit=limit, metrics=metrics, harness="lm-eval"
     )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     manager = task_manager(tasks, include_path, part)

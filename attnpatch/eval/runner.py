@@ -61,6 +61,33 @@ class EvalReport(SavedReport):
     seconds: dict[str, float] = field(default_factory=dict)
     items: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @classmethod
+    def start(
+        cls,
+        model,
+        model_name: str,
+        configs: Mapping[str, Config],
+        tasks: Sequence[str],
+        *,
+        shots: int,
+        part: str,
+        limit: int | None,
+        metrics: Sequence[str],
+        harness: str = "attnpatch",
+    ) -> EvalReport:
+        """An empty report for one run: configurations described, metrics checked, the model named (its class
+        when `model_name` is empty)."""
+        return cls(
+            model=model_name or type(model).__name__,
+            configs={name: describe(c) for name, c in configs.items()},
+            tasks=list(tasks),
+            shots=shots,
+            part=part,
+            limit=limit,
+            metrics=list(check_metrics(metrics)),
+            harness=harness,
+        )
+
     @property
     def reference(self) -> str:
         return next(iter(self.configs))
@@ -151,14 +178,8 @@ def evaluate(
     """
     configs = dict(configs or {"unpatched": None})
     processes = Processes()
-    report = EvalReport(
-        model=model_name or type(model).__name__,
-        configs={name: describe(c) for name, c in configs.items()},
-        tasks=list(tasks),
-        shots=shots,
-        part=part,
-        limit=limit,
-        metrics=list(check_metrics(metrics)),
+    report = EvalReport.start(
+        model, model_name, configs, list(tasks), shots=shots, part=part, limit=limit, metrics=metrics
     )
     for task in tasks:
         if isinstance(tasks, Mapping):
