@@ -9,7 +9,8 @@ Per model: the profile is calibrated once on each task's calibration part (`--ca
 evaluated item) and saved under the output folder (a rerun loads it; `--profile` gives one instead); then each task
 is scored and saved as soon as it is done (`<out>/<model>/<task>.json`, with per-item log-likelihoods), so an
 interrupted run resumes where it stopped. The summary (`<out>/act_full_eval.json` and `.md`) adds the corrections
-and, for a sliced run (`--limit`), the time the whole eval parts would take at the measured rate.
+and, for a sliced run (`--limit`), the time the whole eval parts would take at the measured rate; `--summarize`
+rewrites it from every task saved under the output folder (runs of a few tasks each, in parallel processes).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     model, tok = load(name, dtype=torch.float32)
     profile, record = _profile(model, tok, name, args, out)
     record["heads"] = {str(k): v for k, v in profile.heads.items()}
+    with open(os.path.join(out, "profile.json"), "w") as f:  # what `--summarize` reports without loading it
+        json.dump(record, f, indent=1)
     configs = {"unpatched": None, "act default heads": {"method": "act"}, "act profile": profile}
     done = {}
     for task in args.tasks:
@@ -97,6 +100,26 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
             "whole": {task: scored_tokens(tok, task) for task in TASKS},
         }
     return {"tasks": done, "profile": record, "tokens": tokens}
+
+
+def saved_run(name: str, args: argparse.Namespace) -> dict | None:
+    """The tasks of `args.tasks` that earlier runs saved for model `name` under `args.out`, and its profile's
+    record, in run_model's form; None when none is saved."""
+    out = os.path.join(args.out, name)
+    done = {}
+    for task in args.tasks:
+        path = os.path.join(out, f"{task}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                done[task] = json.load(f)
+    if not done:
+        return None
+    record_path = os.path.join(out, "profile.json")
+    record = {}
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+    return {"tasks": done, "profile": record, "tokens": {}}
 
 
 def corrected(runs: dict) -> list[dict]:
@@ -183,6 +206,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", default=RESULTS, help=f"output folder (default: {RESULTS})")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument(
+        "--summarize", action="store_true", help="only rewrite the summary from the tasks saved under --out"
+    )
     args = parser.parse_args()
     if args.profile and len(args.models) > 1:
         parser.error("--profile fits one model; give one --models")
@@ -190,13 +216,19 @@ def main() -> None:
         args.out = os.path.join(RESULTS, f"limit{args.limit}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    runs = {name: run_model(name, args) for name in args.models}
+    if args.summarize:  # every saved task of every model, e.g. after runs of a few tasks each
+        runs = {name: run for name in args.models if (run := saved_run(name, args)) is not None}
+    else:
+        runs = {name: run_model(name, args) for name in args.models}
     summary = {
         "limit": args.limit,
-        "tasks": args.tasks,
-        "device": f"cpu ({platform.machine()}, {args.threads} threads)",
+        "tasks": [task for task in args.tasks if any(task in run["tasks"] for run in runs.values())],
+        "device": f"cpu ({platform.machine()}{'' if args.summarize else f', {args.threads} threads'})",
         "versions": {"torch": torch.__version__, "attnpatch": attnpatch.__version__},
         "seconds": round(time.perf_counter() - started, 1),
+        "scoring_seconds": {
+            name: round(sum(sum(d["seconds"].values()) for d in run["tasks"].values()), 1) for name, run in runs.items()
+        },
         "profiles": {name: run["profile"] for name, run in runs.items()},
         "accuracy": {
             name: {
