@@ -23,6 +23,7 @@ from torch import nn
 
 from ..kernels import reference
 from ..methods.base import AttentionCall, ForwardContext, PatchView, UnsupportedModelError
+from .cache_names import output_cache
 from .structure import (
     attention_modules,
     decoder_layers,
@@ -369,10 +370,7 @@ class TransformersIntegration:
         context = stack.pop() if stack else None
         if context is None or context.state is None or context.cache is not None:
             return
-        # transformers >= 5.25 names it `cache` (reading `past_key_values` there logs a deprecation warning)
-        cache = getattr(output, "cache", None)
-        if cache is None:
-            cache = getattr(output, "past_key_values", None)
+        cache = output_cache(output)
         if cache is not None and hasattr(cache, "get_seq_length"):
             keep_sequence_state(cache, self._patch.key, context.state)
 

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 import attnpatch
+from attnpatch.integrations.cache_names import CACHE_ARGUMENT, output_cache
 
 from tiny_models import IMAGE_TOKEN, SINK_TOKEN, SINK_TOKEN_2, llava_prompt, planted_sink_model, tiny_llava
 
@@ -35,7 +36,7 @@ def conversations(seed: int, count: int = 6) -> list[list[list[int]]]:
 
 def run_turn(model, tokens: list[int], cache: DynamicCache) -> torch.Tensor:
     with torch.no_grad():
-        return model(torch.tensor([tokens]), past_key_values=cache, use_cache=True).logits[0]
+        return model(torch.tensor([tokens]), **{CACHE_ARGUMENT: cache}, use_cache=True).logits[0]
 
 
 def alone(model, turns: list[list[int]], prefix: list[int] | None = None) -> list[torch.Tensor]:
@@ -121,11 +122,11 @@ def test_a_call_without_a_cache_keeps_no_state(model):
     with attnpatch.patched(model, "act", **ACT), torch.no_grad():
         a = model(ids, use_cache=False).logits
         cache = DynamicCache()
-        model(torch.tensor([[S, 30, 31]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[S, 30, 31]]), **{CACHE_ARGUMENT: cache}, use_cache=True)
         b = model(ids, use_cache=False).logits
         out = model(ids, use_cache=True)
     assert torch.equal(a, b)
-    assert "_attnpatch_states" in out.past_key_values.__dict__  # a cache the model made carries the state
+    assert "_attnpatch_states" in output_cache(out).__dict__  # a cache the model made carries the state
 
 
 def test_deep_copy_of_a_patched_model_is_patched_independently(model):
@@ -139,7 +140,7 @@ def test_deep_copy_of_a_patched_model_is_patched_independently(model):
         with torch.no_grad():
             assert torch.equal(twin(ids).logits, original)
             cache = DynamicCache()
-            twin(ids, past_key_values=cache, use_cache=True)  # the twin's forwards leave the original alone
+            twin(ids, **{CACHE_ARGUMENT: cache}, use_cache=True)  # the twin's forwards leave the original alone
             assert torch.equal(model(ids).logits, original)
         twin_patch.remove()
         assert attnpatch.get_patch(model) is patch and model.config._attn_implementation == "attnpatch_sdpa"
@@ -176,7 +177,7 @@ PROMPT = [S, 11, 12, 13, S2, 14, 11, 12, 13, S2, 14, 11, 12]  # repeats: prompt 
 def prefilled(model, ids: torch.Tensor) -> DynamicCache:
     cache = DynamicCache()
     with torch.no_grad():
-        model(ids[:, :-1], past_key_values=cache, use_cache=True)
+        model(ids[:, :-1], **{CACHE_ARGUMENT: cache}, use_cache=True)
     return cache
 
 
@@ -187,10 +188,10 @@ def test_assisted_decoding_gives_the_greedy_tokens(model, mode):
     ids = torch.tensor([PROMPT])
     with attnpatch.patched(model, "act", beta=0.0, threshold=0.05, heads="all"), torch.no_grad():
         cache = prefilled(model, ids)
-        greedy = model.generate(ids, past_key_values=copy.deepcopy(cache), **GREEDY)
-        assisted = model.generate(ids, past_key_values=copy.deepcopy(cache), **GREEDY, **ASSISTED[mode]())
+        greedy = model.generate(ids, **{CACHE_ARGUMENT: copy.deepcopy(cache)}, **GREEDY)
+        assisted = model.generate(ids, **{CACHE_ARGUMENT: copy.deepcopy(cache)}, **GREEDY, **ASSISTED[mode]())
     with torch.no_grad():
-        plain = model.generate(ids, past_key_values=prefilled(model, ids), **GREEDY)
+        plain = model.generate(ids, **{CACHE_ARGUMENT: prefilled(model, ids)}, **GREEDY)
     assert torch.equal(assisted, greedy)
     assert not torch.equal(greedy, plain), "ACT must change the greedy text here, or the check proves nothing"
 
@@ -201,7 +202,7 @@ def test_assisted_decoding_of_a_bare_prompt_names_the_way_out(model, mode):
     and how to run it instead of returning other tokens than greedy decoding."""
     with attnpatch.patched(model, "act", **ACT), torch.no_grad():
         with pytest.raises(
-            RuntimeError, match=r"assisted decoding .* same forward as the prompt.*past_key_values=cache"
+            RuntimeError, match=rf"assisted decoding .* same forward as the prompt.*{CACHE_ARGUMENT}=cache"
         ):
             model.generate(torch.tensor([PROMPT]), **GREEDY, **ASSISTED[mode]())
 
@@ -232,11 +233,11 @@ def test_var_state_follows_each_sequence():
 
     def start(cache):
         with torch.no_grad():
-            return llava(input_ids=prompt, pixel_values=pixels, past_key_values=cache, use_cache=True).logits[0]
+            return llava(input_ids=prompt, pixel_values=pixels, **{CACHE_ARGUMENT: cache}, use_cache=True).logits[0]
 
     def step(cache, token):
         with torch.no_grad():
-            return llava(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0]
+            return llava(input_ids=torch.tensor([[token]]), **{CACHE_ARGUMENT: cache}, use_cache=True).logits[0]
 
     with attnpatch.patched(llava, "var", sink_dims=[3, 517]) as patch:
         solo = DynamicCache()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attnpatch
+from attnpatch.integrations.cache_names import CACHE_ARGUMENT, output_cache
 
 from tiny_models import SINK_TOKEN, SINK_TOKEN_2, planted_sink_model
 
@@ -54,7 +55,7 @@ def test_chunked_prefill_equals_one_pass(sink_prompts):
     with torch.no_grad(), attnpatch.patched(model, "act", **ACT):
         full = model(ids, attention_mask=mask).logits
         first = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
-        second = model(ids[:, 6:], attention_mask=mask, past_key_values=first.past_key_values, use_cache=True)
+        second = model(ids[:, 6:], attention_mask=mask, **{CACHE_ARGUMENT: output_cache(first)}, use_cache=True)
     assert (second.logits - full[:, 6:]).abs().max() <= 1e-4
 
 
