@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         help="--harness lm-eval: a folder of your own lm-eval task YAMLs (repeatable)",
     )
     ev.add_argument("--out", default="attnpatch-out/eval", help="output prefix: writes PREFIX.json and PREFIX.md")
+    ev.add_argument(
+        "--checkpoint",
+        default=None,
+        help="attnpatch harness: a folder (one per model) where each task and configuration's scores are saved as "
+        "they finish; a rerun with the same folder resumes",
+    )
     _ocw_args(ev)
     cal = sub.add_parser(
         "calibrate", help="ACT: select the heads where it helps; VAR: find the sink dimensions; writes a profile"
@@ -176,7 +182,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     else:
         report = evaluate(
             model, tok, tasks, configs=configs, shots=args.shots, limit=args.limit, part=args.part,
-            batch_size=args.batch_size, metrics=metrics, model_name=args.model,
+            batch_size=args.batch_size, metrics=metrics, model_name=args.model, checkpoint=args.checkpoint,
         )  # fmt: skip
     from .distributed import Processes
 
@@ -342,6 +348,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"--task {args.task!r}: only 'ocw' is supported (multiple-choice tasks go in --tasks)")
         if args.task is None and args.harness == "attnpatch":
             _check_tasks([t for t in args.tasks.split(",") if t])
+        if args.checkpoint and (args.harness == "lm-eval" or args.task == "ocw"):
+            raise UsageError("--checkpoint resumes the attnpatch harness's multiple-choice tasks only; drop it")
         if args.harness == "lm-eval":
             _check_lm_eval(args)
         elif args.data and not os.path.exists(args.data):

@@ -7,8 +7,9 @@ each effect survives Holm's and Benjamini-Hochberg's corrections over every comp
 
 Per model: the profile is calibrated once on each task's calibration part (`--cal-limit` items per task; never an
 evaluated item) and saved under the output folder (a rerun loads it; `--profile` gives one instead); then each task
-is scored and saved as soon as it is done (`<out>/<model>/<task>.json`, with per-item log-likelihoods), so an
-interrupted run resumes where it stopped. The summary (`<out>/act_full_eval.json` and `.md`) adds the corrections
+is scored and saved as soon as it is done (`<out>/<model>/<task>.json`, with per-item log-likelihoods; each of its
+configurations under `<out>/<model>/checkpoint/` as soon as that is done), so an interrupted run resumes where it
+stopped. The summary (`<out>/act_full_eval.json` and `.md`) adds the corrections
 and, for a sliced run (`--limit`), the time the whole eval parts would take at the measured rate; `--summarize`
 rewrites it from every task saved under the output folder (runs of a few tasks each, in parallel processes).
 """
@@ -87,7 +88,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
             continue
         report = evaluate(
             model, tok, [task], configs=configs, limit=args.limit, batch_size=args.batch_size, keep_items=True,
-            model_name=name, progress=args.progress,
+            model_name=name, progress=args.progress, checkpoint=os.path.join(out, "checkpoint"),
         )  # fmt: skip
         done[task] = report.to_dict()
         with open(path, "w") as f:

@@ -4,6 +4,7 @@ Profile; shared by the task runner (`runner`) and the OCW runner (`ocw.runner`).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -20,6 +21,17 @@ def describe(config: Config) -> Any:
     if isinstance(config, Profile):
         return {"method": config.method, "profile_heads": config.num_heads, **config.options}
     return dict(config)
+
+
+def fingerprint(config: Config) -> str:
+    """A JSON string that tells configurations apart (a profile by its method, options and every head), for
+    matching saved results to the configuration that made them."""
+    if isinstance(config, Profile):
+        heads = {str(layer): sorted(hs) for layer, hs in sorted(config.heads.items())}
+        data: Any = {"method": config.method, "heads": heads, **config.options}
+    else:
+        data = describe(config)
+    return json.dumps(data, sort_keys=True, default=str)
 
 
 @contextlib.contextmanager

@@ -8,14 +8,17 @@ so the report is the same as a single-process run's.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..distributed import Processes
-from .configs import Config, describe, patch_context
+from .configs import Config, describe, fingerprint, patch_context
 from .metrics import DESCRIPTIONS, METRICS, check_metrics, pick
 from .scoring import option_logprobs
 from .stats import bootstrap_ci, holm, paired_comparison
@@ -153,6 +156,46 @@ class EvalReport(SavedReport):
         return "\n\n".join(blocks)
 
 
+@dataclass
+class Checkpoint:
+    """One (task, configuration)'s per-item log-likelihoods on disk, `<folder>/<task>/<config>.json`; what is loaded
+    must come from the same configuration (`configs.fingerprint`) and the same prompts and options (few-shot ones
+    included), else it is scored again. The model is not checked: one folder per model."""
+
+    folder: str | os.PathLike
+    task: str
+    name: str
+    config: Config
+    items: Sequence[Item]
+    logprobs: list[list[float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def path(self) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name)
+        return Path(self.folder) / self.task / f"{safe}.json"
+
+    def _key(self) -> dict[str, Any]:
+        prompts = json.dumps([[it.id, it.context, list(it.options)] for it in self.items])
+        return {"config": fingerprint(self.config), "items": hashlib.sha256(prompts.encode()).hexdigest()}
+
+    def load(self) -> bool:
+        """Read the saved log-likelihoods if they match; False when there are none or they do not."""
+        if not self.path.is_file():
+            return False
+        data = json.loads(self.path.read_text(encoding="utf-8"))
+        if data.get("key") != self._key():
+            return False
+        self.logprobs, self.seconds = data["logprobs"], data["seconds"]
+        return True
+
+    def save(self, logprobs: list[list[float]], seconds: float) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": self._key(), "logprobs": logprobs, "seconds": seconds}), encoding="utf-8")
+        tmp.replace(self.path)
+
+
 def evaluate(
     model,
     tokenizer,
@@ -168,13 +211,16 @@ def evaluate(
     keep_items: bool = False,
     model_name: str = "",
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> EvalReport:
     """Score every configuration on the same items of every task (the `part` of each, see `load_task`).
 
     configs: {name: None (unpatched) | {"method": "act", **options} | Profile}; the first is the reference of the
     paired comparisons (default: just the unpatched model). tasks: names, or {name: items} for your own items.
     Each configuration's log-likelihoods are computed once and every metric of `metrics` is read from them;
-    `keep_items` stores them, with the item ids and labels, in `report.items`.
+    `keep_items` stores them, with the item ids and labels, in `report.items`. With `checkpoint` (a folder) each
+    (task, configuration)'s log-likelihoods are saved as soon as they are scored, and a rerun reuses those of the same
+    configuration on the same items, so a long evaluation stopped midway resumes where it stopped.
     """
     configs = dict(configs or {"unpatched": None})
     processes = Processes()
@@ -190,22 +236,28 @@ def evaluate(
         correct: dict[str, dict[str, list[bool]]] = {}
         logprobs: dict[str, list[list[float]]] = {}
         for name, config in configs.items():
-            started = time.perf_counter()
-            with patch_context(model, config):
-                values = option_logprobs(
-                    model,
-                    tokenizer,
-                    [items[i] for i in mine],
-                    batch_size=batch_size,
-                    progress=progress and processes.main,
-                    desc=f"{name} · {task}",
-                )
-            logprobs[name] = [lp for _, lp in sorted(processes.gather(list(zip(mine, values, strict=True))))]
+            saved = Checkpoint(checkpoint, task, name, config, items) if checkpoint else None
+            if saved is not None and saved.load():
+                logprobs[name], report.seconds[f"{task}/{name}"] = saved.logprobs, saved.seconds
+            else:
+                started = time.perf_counter()
+                with patch_context(model, config):
+                    values = option_logprobs(
+                        model,
+                        tokenizer,
+                        [items[i] for i in mine],
+                        batch_size=batch_size,
+                        progress=progress and processes.main,
+                        desc=f"{name} · {task}",
+                    )
+                logprobs[name] = [lp for _, lp in sorted(processes.gather(list(zip(mine, values, strict=True))))]
+                report.seconds[f"{task}/{name}"] = time.perf_counter() - started
+                if saved is not None and processes.main:
+                    saved.save(logprobs[name], report.seconds[f"{task}/{name}"])
             correct[name] = {
                 m: [pick(lp, it.options, m) == it.label for lp, it in zip(logprobs[name], items, strict=True)]
                 for m in report.metrics
             }
-            report.seconds[f"{task}/{name}"] = time.perf_counter() - started
         report.add(task, correct, seed=seed)
         if keep_items:
             ids, labels = [it.id for it in items], [it.label for it in items]

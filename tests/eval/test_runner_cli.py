@@ -78,6 +78,7 @@ def test_cli_metric_and_harness_arguments(capsys, tmp_path, monkeypatch):
         (["eval", "--harness", "lm-eval", "--task", "ocw"], "--harness lm-eval runs multiple-choice tasks"),
         (["eval", "--metric", "f1"], "invalid choice: 'f1'"),
         (["eval", "--harness", "lmeval"], "invalid choice: 'lmeval'"),
+        (["eval", "--harness", "lm-eval", "--checkpoint", "c"], "--checkpoint resumes the attnpatch harness"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err
@@ -98,3 +99,26 @@ def test_cli_runs_lm_eval_on_the_patched_model(tmp_path, capsys):
     act = saved["results"]["attnpatch_copa"]["act"]
     assert act["n"] == 2 and "paired" in act["acc_norm"] and "acc" not in act
     assert "**acc_norm**" in capsys.readouterr().out
+
+
+def test_checkpoint_resumes_with_the_same_report_and_rescores_what_changed(tmp_path):
+    model, tok, items = planted_helpful_model(), word_tokenizer(), planted_items(6)
+    configs = {"unpatched": None, "act": {"method": "act", "heads": {1: [2]}}}
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    run = dict(configs=configs, batch_size=4, keep_items=True, progress=False, checkpoint=tmp_path)
+    first = evaluate(model, tok, {"planted": items}, **run)
+    scored = len(calls)
+    assert scored > 0 and sorted(p.name for p in (tmp_path / "planted").iterdir()) == ["act.json", "unpatched.json"]
+    again = evaluate(model, tok, {"planted": items}, **run)
+    assert len(calls) == scored  # nothing scored again
+    assert again.results == first.results and again.items == first.items and again.seconds == first.seconds
+    # another configuration under the same name, or other items, is scored again and overwrites the file
+    other = evaluate(model, tok, {"planted": items}, **{**run, "configs": {**configs, "act": {"method": "act"}}})
+    assert len(calls) > scored
+    rescored = len(calls)
+    assert other.items["planted"]["logprobs"]["unpatched"] == first.items["planted"]["logprobs"]["unpatched"]
+    fewer = evaluate(model, tok, {"planted": items[:4]}, **{**run, "configs": {"unpatched": None}})
+    assert len(calls) > rescored
+    assert fewer.items["planted"]["logprobs"]["unpatched"] == first.items["planted"]["logprobs"]["unpatched"][:4]
+    hook.remove()
