@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from ..integrations.cache_names import CACHE_ARGUMENT
 from ..kernels import reference
 from ..kernels.act import ActOutput, ColumnStats, act_attention
 from .base import TEXT_FAMILIES, AttentionCall, ForwardContext, Method, register_method
@@ -106,8 +105,8 @@ class ACT(Method):
                     f"{context.verified_rows - 1} candidate tokens in the same forward as the prompt, so ACT's prompt "
                     "statistic would count the candidates' rows and the result would not be what greedy decoding "
                     "gives. Fill the cache with the prompt first and let assisted decoding continue it: "
-                    f"cache = DynamicCache(); model(input_ids[:, :-1], {CACHE_ARGUMENT}=cache); "
-                    f"model.generate(input_ids, {CACHE_ARGUMENT}=cache, ...)."
+                    "cache = DynamicCache(); model(input_ids[:, :-1], cache=cache); "
+                    "model.generate(input_ids, cache=cache, ...) (before transformers 5.25: past_key_values=cache)."
                 )
             return
         if context.cache_kind != "dynamic":
