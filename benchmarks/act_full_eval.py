@@ -79,6 +79,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     with open(os.path.join(out, "profile.json"), "w") as f:  # what `--summarize` reports without loading it
         json.dump(record, f, indent=1)
     configs = {"unpatched": None, "act default heads": {"method": "act"}, "act profile": profile}
+    if args.configs:  # a share of the work: scored into the checkpoint, where the run with every config finds it
+        configs = {name: configs[name] for name in args.configs}
     done = {}
     for task in args.tasks:
         path = os.path.join(out, f"{task}.json")
@@ -90,6 +92,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
             model, tok, [task], configs=configs, limit=args.limit, batch_size=args.batch_size, keep_items=True,
             model_name=name, progress=args.progress, checkpoint=os.path.join(out, "checkpoint"),
         )  # fmt: skip
+        if args.configs:
+            print(f"{name} {task}: {args.configs} saved under {os.path.join(out, 'checkpoint', task)}", flush=True)
+            continue
         done[task] = report.to_dict()
         with open(path, "w") as f:
             json.dump(done[task], f)
@@ -207,6 +212,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", default=RESULTS, help=f"output folder (default: {RESULTS})")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=["unpatched", "act default heads", "act profile"],
+        help="score only these configurations into the checkpoint (a second process sharing a task's work); the run "
+        "with all of them writes the task",
+    )
     parser.add_argument(
         "--summarize", action="store_true", help="only rewrite the summary from the tasks saved under --out"
     )
