@@ -39,16 +39,14 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     model, tok = load("gemma-3-270m")
     results = {"model": "gemma-3-270m (fp32)", "device": "cpu", "limit": args.limit, "metrics": list(METRICS)}
-    kept = {}
+    earlier = {}
     if os.path.isfile(args.out):
         with open(args.out) as f:
-            kept = {t: r for t, r in json.load(f).get("tasks", {}).items() if t not in args.tasks and "acc" in r}
+            earlier = json.load(f)
+    kept = {t: r for t, r in earlier.get("tasks", {}).items() if t not in args.tasks and "acc" in r}
     results["tasks"] = kept
-    if kept:
-        with open(args.out) as f:
-            note = json.load(f).get("note")
-        if note:
-            results["note"] = note
+    if kept and earlier.get("note"):
+        results["note"] = earlier["note"]
     for task in args.tasks:
         items = load_task(task, shots=SHOTS.get(task, 0), limit=args.limit)
         labels = [it.label for it in items]

@@ -83,10 +83,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         configs = {name: configs[name] for name in args.configs}
     done = {}
     for task in args.tasks:
-        path = os.path.join(out, f"{task}.json")
-        if os.path.isfile(path):  # done by an earlier run into this folder (a slice has a folder of its own)
-            with open(path) as f:
-                done[task] = json.load(f)
+        saved = saved_task(out, task)  # done by an earlier run into this folder (a slice has a folder of its own)
+        if saved is not None:
+            done[task] = saved
             continue
         report = evaluate(
             model, tok, [task], configs=configs, limit=args.limit, batch_size=args.batch_size, keep_items=True,
@@ -96,7 +95,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
             print(f"{name} {task}: {args.configs} saved under {os.path.join(out, 'checkpoint', task)}", flush=True)
             continue
         done[task] = report.to_dict()
-        with open(path, "w") as f:
+        with open(os.path.join(out, f"{task}.json"), "w") as f:
             json.dump(done[task], f)
         print(f"{name} {task}: {json.dumps({k: round(v, 1) for k, v in report.seconds.items()})}", flush=True)
     tokens = {}
@@ -108,16 +107,20 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     return {"tasks": done, "profile": record, "tokens": tokens}
 
 
+def saved_task(out: str, task: str) -> dict | None:
+    """The report an earlier run saved for `task` in the model folder `out`, or None."""
+    path = os.path.join(out, f"{task}.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def saved_run(name: str, args: argparse.Namespace) -> dict | None:
     """The tasks of `args.tasks` that earlier runs saved for model `name` under `args.out`, and its profile's
     record, in run_model's form; None when none is saved."""
     out = os.path.join(args.out, name)
-    done = {}
-    for task in args.tasks:
-        path = os.path.join(out, f"{task}.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                done[task] = json.load(f)
+    done = {task: saved for task in args.tasks if (saved := saved_task(out, task)) is not None}
     if not done:
         return None
     record_path = os.path.join(out, "profile.json")
