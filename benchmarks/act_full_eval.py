@@ -169,6 +169,38 @@ def extrapolate(runs: dict) -> dict:
     return out
 
 
+def _effect(r: dict) -> str:
+    """One comparison as the README's tables give it: Δ in points (95% CI), McNemar p, the correction it survives."""
+    lo, hi = r["diff_ci"]
+    text = f"{100 * r['diff']:+.1f} ({100 * lo:+.1f}..{100 * hi:+.1f}), p={r['p_mcnemar']:.2g}"
+    if r["survives_holm"]:
+        return f"**{text}, Holm**"
+    return f"{text}, BH only" if r["survives_bh"] else text
+
+
+def model_tables(summary: dict) -> str:
+    """Per model, one row per task: unpatched acc / acc_norm, then each configuration's Δ acc / Δ acc_norm."""
+    blocks = []
+    for model, tasks in summary["accuracy"].items():
+        rows = [r for r in summary["comparisons"] if r["model"] == model]
+        configs = list(dict.fromkeys(r["config"] for r in rows))
+        lines = [
+            f"{model}:",
+            "",
+            "| task | n | unpatched acc / acc_norm | " + " | ".join(f"{c}: Δ acc / Δ acc_norm" for c in configs) + " |",
+            "|---|---|---|" + "---|" * len(configs),
+        ]
+        for task, accuracy in tasks.items():
+            cells = [
+                " / ".join(_effect(r) for r in rows if r["task"] == task and r["config"] == c) for c in configs
+            ]  # fmt: skip
+            n = next(r["n"] for r in rows if r["task"] == task)
+            base = " / ".join(f"{a:.3f}" for a in accuracy["unpatched"].values())
+            lines.append(f"| {task} | {n} | {base} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def markdown(summary: dict) -> str:
     per_metric = len(summary["comparisons"]) // max(len({r["metric"] for r in summary["comparisons"]}), 1)
     lines = [
@@ -186,6 +218,7 @@ def markdown(summary: dict) -> str:
             f"{100 * lo:+.1f}..{100 * hi:+.1f} | {r['p_mcnemar']:.2g} | {r['p_holm_run']:.2g} | {r['p_bh_run']:.2g} | "
             f"{verdict} |"
         )
+    lines += ["", "Δ in points, (95% CI), McNemar p; **bold**: survives Holm.", "", model_tables(summary)]
     for model, estimate in summary["full_run_estimate"].items():
         lines.append(
             f"\nWhole eval parts of {', '.join(estimate['tokens_whole'])} for {model} "
