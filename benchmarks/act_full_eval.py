@@ -9,9 +9,10 @@ Per model: the profile is calibrated once on each task's calibration part (`--ca
 evaluated item) and saved under the output folder (a rerun loads it; `--profile` gives one instead); then each task
 is scored and saved as soon as it is done (`<out>/<model>/<task>.json`, with per-item log-likelihoods; each of its
 configurations under `<out>/<model>/checkpoint/` as soon as that is done), so an interrupted run resumes where it
-stopped. The summary (`<out>/act_full_eval.json` and `.md`) adds the corrections
-and, for a sliced run (`--limit`), the time the whole eval parts would take at the measured rate; `--summarize`
-rewrites it from every task saved under the output folder (runs of a few tasks each, in parallel processes).
+stopped. The summary (`<out>/act_full_eval.json` and `.md`) covers every task saved under the output folder (this
+run's and earlier runs', every model), adds the corrections and, for a sliced run (`--limit`), the time the whole eval
+parts would take at the measured rate; `--summarize` only rewrites it (for `--models` and `--tasks`), and a
+`--configs` share writes none.
 """
 
 from __future__ import annotations
@@ -116,11 +117,11 @@ def saved_task(out: str, task: str) -> dict | None:
         return json.load(f)
 
 
-def saved_run(name: str, args: argparse.Namespace) -> dict | None:
-    """The tasks of `args.tasks` that earlier runs saved for model `name` under `args.out`, and its profile's
-    record, in run_model's form; None when none is saved."""
-    out = os.path.join(args.out, name)
-    done = {task: saved for task in args.tasks if (saved := saved_task(out, task)) is not None}
+def saved_run(name: str, out: str, tasks: list[str]) -> dict | None:
+    """The tasks of `tasks` that runs saved for model `name` under the folder `out`, and its profile's record, in
+    run_model's form; None when none is saved."""
+    out = os.path.join(out, name)
+    done = {task: saved for task in tasks if (saved := saved_task(out, task)) is not None}
     if not done:
         return None
     record_path = os.path.join(out, "profile.json")
@@ -265,13 +266,21 @@ def main() -> None:
         args.out = os.path.join(RESULTS, f"limit{args.limit}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    if args.summarize:  # every saved task of every model, e.g. after runs of a few tasks each
-        runs = {name: run for name in args.models if (run := saved_run(name, args)) is not None}
-    else:
-        runs = {name: run_model(name, args) for name in args.models}
+    if args.configs:  # a share of a task's work: the run with every configuration writes the task and the summary
+        for name in args.models:
+            run_model(name, args)
+        return
+    fresh = {} if args.summarize else {name: run_model(name, args) for name in args.models}
+    # the summary covers every task saved under --out, this run's and earlier runs' (other tasks, other models), so
+    # a run of one model or a few tasks never drops the rest from it; --summarize covers only --models and --tasks
+    models = args.models if args.summarize else list(dict.fromkeys(MODELS + args.models))
+    tasks = args.tasks if args.summarize else list(dict.fromkeys(TASKS + args.tasks))
+    runs = {name: run for name in models if (run := saved_run(name, args.out, tasks)) is not None}
+    for name, run in fresh.items():
+        runs.setdefault(name, run)["tokens"] = run["tokens"]  # what a slice scored, for the extrapolation
     summary = {
         "limit": args.limit,
-        "tasks": [task for task in args.tasks if any(task in run["tasks"] for run in runs.values())],
+        "tasks": [task for task in tasks if any(task in run["tasks"] for run in runs.values())],
         "device": f"cpu ({platform.machine()}{'' if args.summarize else f', {args.threads} threads'})",
         "versions": {"torch": torch.__version__, "attnpatch": attnpatch.__version__},
         "seconds": round(time.perf_counter() - started, 1),
