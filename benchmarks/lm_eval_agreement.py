@@ -1,13 +1,16 @@
 """Per-item agreement of attnpatch's scorer with lm-evaluation-harness on the same items and model.
 
     python benchmarks/lm_eval_agreement.py --model gemma-3-270m --tasks arc_easy piqa boolq --limit 40
+    python benchmarks/lm_eval_agreement.py --tasks arc_easy piqa --ours-from benchmarks/results/act_full/gemma-3-270m \
+        --out benchmarks/results/lm_eval_agreement_gemma-3-270m_whole   # whole eval parts, only lm-eval scores
 
 For each task: our prompts and batched scorer (`option_logprobs` on `load_task(task)`) against lm-eval's
 `simple_evaluate` with its default template on the same items (the bundled `attnpatch_<task>` YAML, HFLM on the same
 model object). Reports, per task: whether the prompts are the same strings, the largest per-option log-likelihood
 difference, and per metric (acc, acc_norm) the number of items where our pick's verdict differs from lm-eval's own
 per-sample verdict, plus both accuracies and each harness's time. Writes benchmarks/results/lm_eval_agreement_<model>
-.json and .md.
+.json and .md. With `--ours-from`, our side is read from the unpatched scores `act_full_eval.py` saved for the same
+items (same model, fp32, same scorer), so a whole eval part costs only lm-eval's run.
 """
 
 from __future__ import annotations
@@ -30,12 +33,29 @@ from attnpatch.models import load
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def agreement(model, tok, task: str, limit: int | None, batch_size: int) -> dict:
-    """Compare both harnesses on the first `limit` eval items of `task`."""
+def saved_logprobs(folder: str, task: str, items: list) -> tuple[list[list[float]], float]:
+    """Our unpatched per-option log-likelihoods of `items` from a saved report (`<folder>/<task>.json`, as
+    `act_full_eval.py` writes them with `keep_items`), and the seconds that scoring took; refused unless the report
+    holds these very items, first to last."""
+    with open(os.path.join(folder, f"{task}.json")) as f:
+        saved = json.load(f)
+    kept = saved["items"][task]
+    ids = [it.id for it in items]
+    if kept["ids"][: len(ids)] != ids:
+        raise ValueError(f"{folder}/{task}.json scored other items than the first {len(ids)} of {task}'s eval part")
+    seconds = saved["seconds"][f"{task}/unpatched"] * len(ids) / len(kept["ids"])
+    return kept["logprobs"]["unpatched"][: len(ids)], seconds
+
+
+def agreement(model, tok, task: str, limit: int | None, batch_size: int, ours_from: str | None = None) -> dict:
+    """Compare both harnesses on the first `limit` eval items of `task` (ours read from `ours_from` if given)."""
     items = load_task(task, limit=limit)
     started = time.perf_counter()
-    ours = option_logprobs(model, tok, items, batch_size=batch_size, progress=False)
-    ours_s = time.perf_counter() - started
+    if ours_from:
+        ours, ours_s = saved_logprobs(ours_from, task, items)
+    else:
+        ours = option_logprobs(model, tok, items, batch_size=batch_size, progress=False)
+        ours_s = time.perf_counter() - started
     name = harness.bundled_name(task)
     started = time.perf_counter()
     report = harness.evaluate_lm_eval(model, tok, [name], limit=limit, batch_size=batch_size, keep_items=True)
@@ -83,6 +103,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", default=None, help="output prefix (default: results/lm_eval_agreement_<model>)")
+    parser.add_argument(
+        "--ours-from",
+        default=None,
+        help="read our unpatched log-likelihoods from the reports saved in this folder (e.g. "
+        "results/act_full/<model>) instead of scoring again; only lm-eval runs",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load(args.model, dtype=torch.float32)
@@ -92,12 +118,13 @@ def main() -> None:
     data = {
         "model": args.model,
         "limit": args.limit,
+        "ours_from": args.ours_from and os.path.relpath(args.ours_from, os.path.dirname(RESULTS)),
         "device": f"cpu ({platform.machine()}, {args.threads} threads)",
         "versions": dict(lm_eval=lm_eval.__version__, torch=torch.__version__, transformers=transformers.__version__),
         "tasks": {},
     }
     for task in args.tasks:
-        data["tasks"][task] = agreement(model, tok, task, args.limit, args.batch_size)
+        data["tasks"][task] = agreement(model, tok, task, args.limit, args.batch_size, args.ours_from)
         print(task, json.dumps(data["tasks"][task]), flush=True)
     prefix = args.out or os.path.join(RESULTS, f"lm_eval_agreement_{args.model}")
     with open(prefix + ".json", "w") as f:
