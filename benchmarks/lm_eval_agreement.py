@@ -33,12 +33,14 @@ from attnpatch.models import load
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def saved_logprobs(folder: str, task: str, items: list) -> tuple[list[list[float]], float]:
+def saved_logprobs(folder: str, task: str, items: list, model: str) -> tuple[list[list[float]], float]:
     """Our unpatched per-option log-likelihoods of `items` from a saved report (`<folder>/<task>.json`, as
     `act_full_eval.py` writes them with `keep_items`), and the seconds that scoring took; refused unless the report
-    holds these very items, first to last."""
+    is `model`'s and holds these very items, first to last."""
     with open(os.path.join(folder, f"{task}.json")) as f:
         saved = json.load(f)
+    if saved["model"] != model:
+        raise ValueError(f"{folder}/{task}.json holds {saved['model']}'s scores, not {model}'s")
     kept = saved["items"][task]
     ids = [it.id for it in items]
     if kept["ids"][: len(ids)] != ids:
@@ -47,12 +49,15 @@ def saved_logprobs(folder: str, task: str, items: list) -> tuple[list[list[float
     return kept["logprobs"]["unpatched"][: len(ids)], seconds
 
 
-def agreement(model, tok, task: str, limit: int | None, batch_size: int, ours_from: str | None = None) -> dict:
-    """Compare both harnesses on the first `limit` eval items of `task` (ours read from `ours_from` if given)."""
+def agreement(
+    model, tok, task: str, limit: int | None, batch_size: int, ours_from: tuple[str, str] | None = None
+) -> dict:
+    """Compare both harnesses on the first `limit` eval items of `task` (ours read from a (folder, model name)
+    `ours_from`, see `saved_logprobs`, if given)."""
     items = load_task(task, limit=limit)
     started = time.perf_counter()
     if ours_from:
-        ours, ours_s = saved_logprobs(ours_from, task, items)
+        ours, ours_s = saved_logprobs(ours_from[0], task, items, ours_from[1])
     else:
         ours = option_logprobs(model, tok, items, batch_size=batch_size, progress=False)
         ours_s = time.perf_counter() - started
@@ -85,6 +90,11 @@ def markdown(data: dict) -> str:
         "| task | n | acc: differing | acc | acc_norm: differing | acc_norm | max abs LL diff | s (ours / lm-eval) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    if data.get("ours_from"):
+        lines[1:1] = [
+            f"attnpatch's log-likelihoods are read from {data['ours_from']} (the same items, model and scorer); its "
+            "seconds are that run's, scaled to n, not measured beside lm-eval's.",
+        ]
     for task, r in data["tasks"].items():
         a, b = r["acc"], r["acc_norm"]
         lines.append(
@@ -93,6 +103,17 @@ def markdown(data: dict) -> str:
             f"{r['seconds']['attnpatch']} / {r['seconds']['lm_eval']} |"
         )
     return "\n".join(lines)
+
+
+def earlier_tasks(path: str, data: dict) -> dict:
+    """The tasks of an earlier report at `path` made with the same model, limit, source and versions, so a run adds
+    its tasks to it (each task's numbers are replaced when run again); nothing if there is none or it differs."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        earlier = json.load(f)
+    same = all(earlier.get(k) == data[k] for k in ("model", "limit", "ours_from", "device", "versions"))
+    return earlier["tasks"] if same else {}
 
 
 def main() -> None:
@@ -123,10 +144,12 @@ def main() -> None:
         "versions": dict(lm_eval=lm_eval.__version__, torch=torch.__version__, transformers=transformers.__version__),
         "tasks": {},
     }
-    for task in args.tasks:
-        data["tasks"][task] = agreement(model, tok, task, args.limit, args.batch_size, args.ours_from)
-        print(task, json.dumps(data["tasks"][task]), flush=True)
     prefix = args.out or os.path.join(RESULTS, f"lm_eval_agreement_{args.model}")
+    data["tasks"] = earlier_tasks(prefix + ".json", data)
+    for task in args.tasks:
+        ours_from = (args.ours_from, args.model) if args.ours_from else None
+        data["tasks"][task] = agreement(model, tok, task, args.limit, args.batch_size, ours_from)
+        print(task, json.dumps(data["tasks"][task]), flush=True)
     with open(prefix + ".json", "w") as f:
         json.dump(data, f, indent=1)
     with open(prefix + ".md", "w") as f:

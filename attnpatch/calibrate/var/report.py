@@ -13,7 +13,7 @@ import torch
 
 EPS = 1e-6  # floor of the gap's lower end in the suggested tau
 # share of the (sink token, layer) pairs with a massive activation that phi on the chosen dims may miss without a
-# warning: late-layer sinks can carry the dims every token carries there instead (seen on Qwen2.5-0.5B, 1.2%)
+# warning: late-layer sinks can carry the dims every token carries there instead (seen on Qwen2.5-Coder-0.5B, 1.2%)
 MISSED_WARNING = 0.05
 
 
