@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from act_full_eval import saved_task
 
 from attnpatch.eval import harness
 from attnpatch.eval.metrics import METRICS, pick
@@ -37,8 +38,9 @@ def saved_logprobs(folder: str, task: str, items: list, model: str) -> tuple[lis
     """Our unpatched per-option log-likelihoods of `items` from a saved report (`<folder>/<task>.json`, as
     `act_full_eval.py` writes them with `keep_items`), and the seconds that scoring took; refused unless the report
     is `model`'s and holds these very items, first to last."""
-    with open(os.path.join(folder, f"{task}.json")) as f:
-        saved = json.load(f)
+    saved = saved_task(folder, task)
+    if saved is None:
+        raise FileNotFoundError(f"no saved report {folder}/{task}.json")
     if saved["model"] != model:
         raise ValueError(f"{folder}/{task}.json holds {saved['model']}'s scores, not {model}'s")
     kept = saved["items"][task]
