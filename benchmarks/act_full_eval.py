@@ -6,13 +6,14 @@ each effect survives Holm's and Benjamini-Hochberg's corrections over every comp
     python benchmarks/act_full_eval.py --models gemma-3-270m --tasks copa --limit 50 --cal-limit 8   # a slice
 
 Per model: the profile is calibrated once on each task's calibration part (`--cal-limit` items per task; never an
-evaluated item) and saved under the output folder (a rerun loads it; `--profile` gives one instead); then each task
-is scored and saved as soon as it is done (`<out>/<model>/<task>.json`, with per-item log-likelihoods; each of its
-configurations under `<out>/<model>/checkpoint/` as soon as that is done), so an interrupted run resumes where it
-stopped. The summary (`<out>/act_full_eval.json` and `.md`) covers every task saved under the output folder (this
-run's and earlier runs', every model), adds the corrections and, for a sliced run (`--limit`), the time the whole eval
-parts would take at the measured rate; `--summarize` only rewrites it (for `--models` and `--tasks`), and a
-`--configs` share writes none.
+evaluated item) and saved under the output folder (a rerun loads it, or the one its `profile.json` names; `--profile`
+gives one instead; `--add-profile` scores more profiles beside it); then each task is scored and saved as soon as it is
+done (`<out>/<model>/<task>.json`, with per-item log-likelihoods; each of its configurations under
+`<out>/<model>/checkpoint/` as soon as that is done), so an interrupted run resumes where it stopped. A task an earlier
+run saved keeps its configurations' scores and is scored only for those it lacks (an added profile). The summary
+(`<out>/act_full_eval.json` and `.md`) covers every task saved under the output folder (this run's and earlier runs',
+every model), adds the corrections and, for a sliced run (`--limit`), the time the whole eval parts would take at the
+measured rate; `--summarize` only rewrites it (for `--models` and `--tasks`), and a `--configs` share writes none.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import time
 import torch
 
 import attnpatch
-from attnpatch.eval.runner import evaluate
+from attnpatch.eval.runner import Checkpoint, evaluate
 from attnpatch.eval.scoring import _build_rows
 from attnpatch.eval.stats import benjamini_hochberg, holm
-from attnpatch.eval.tasks import load_task
+from attnpatch.eval.tasks import Item, load_task
 from attnpatch.models import load
 from attnpatch.profiles import Profile
 
@@ -42,7 +43,7 @@ ALPHA = 0.05
 def _profile(model, tok, name: str, args: argparse.Namespace, out: str) -> tuple[Profile, dict]:
     """The given profile, the one saved by an earlier run, or a new calibration on the calibration parts; with a
     record of its calibration (items, tasks, seconds, from the profile's metadata)."""
-    path = args.profile or os.path.join(out, "profile")
+    path = args.profile or _saved_record(out).get("path") or os.path.join(out, "profile")
     calibrated_now = not os.path.isfile(os.path.join(path, "attnpatch_config.json"))
     if calibrated_now:
         profile = attnpatch.calibrate(
@@ -52,15 +53,69 @@ def _profile(model, tok, name: str, args: argparse.Namespace, out: str) -> tuple
         profile.save(path)
     else:
         profile = Profile.load(path)
+    return profile, _record(profile, path, calibrated_now)
+
+
+def _record(profile: Profile, path: str, calibrated_now: bool = False) -> dict:
+    """What the summary says of a profile: where it is, its calibration (items, tasks, seconds) and its heads."""
     meta = profile.metadata or {}
-    record = {
+    return {
         "path": os.path.relpath(path),
         "calibrated_now": calibrated_now,
         "calibration_items": meta.get("items"),
         "calibration_tasks": meta.get("tasks"),
         "seconds": (meta.get("seconds") or {}).get("total"),
+        "heads": {str(k): v for k, v in profile.heads.items()},
     }
-    return profile, record
+
+
+def added_profiles(paths: list[str]) -> tuple[dict[str, Profile], dict[str, dict]]:
+    """Profiles scored beside the run's own, each as the configuration "act profile, <n> items" (n: the calibration
+    items its metadata records), with their records."""
+    configs, records = {}, {}
+    for path in paths:
+        profile = Profile.load(path)
+        name = f"act profile, {(profile.metadata or {}).get('items')} items"
+        if name in configs:
+            raise SystemExit(f"two added profiles were calibrated on as many items; they would both be {name!r}")
+        configs[name], records[name] = profile, _record(profile, path)
+    return configs, records
+
+
+def _saved_record(out: str) -> dict:
+    """The profile record an earlier run saved in the model folder `out` (`profile.json`), or {}."""
+    path = os.path.join(out, "profile.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_saved_profile(out: str, record: dict) -> None:
+    """Refuse to add to the saved reports of `out` when their "act profile" had other heads than this run's."""
+    saved = _saved_record(out)
+    reports = [name for name in os.listdir(out) if name.endswith(".json") and name != "profile.json"]
+    if reports and saved.get("heads") is not None and saved["heads"] != record["heads"]:
+        raise SystemExit(
+            f"the reports saved in {out} scored 'act profile' with heads {saved['heads']} ({saved.get('path')}), this "
+            f"run's profile has {record['heads']} ({record['path']}): give that --profile, add this one with "
+            "--add-profile, or use another --out"
+        )
+
+
+def seed_checkpoint(saved: dict, task: str, items: list[Item], configs: dict, folder: str) -> list[str]:
+    """Put the per-item log-likelihoods of the configurations a saved report of `task` already has into the
+    checkpoint `folder`, so that `evaluate` on `items` scores only the configurations it lacks; refused when the
+    report holds other items. Returns the names taken from the report."""
+    kept = saved["items"][task]
+    if kept["ids"] != [it.id for it in items] or kept["labels"] != [it.label for it in items]:
+        raise SystemExit(f"the saved report of {task} holds other items than this run's; use another --out")
+    taken = [name for name in configs if name in kept["logprobs"]]
+    for name in taken:
+        point = Checkpoint(folder, task, name, configs[name], items)
+        if not point.load():
+            point.save(kept["logprobs"][name], saved["seconds"][f"{task}/{name}"])
+    return taken
 
 
 def scored_tokens(tok, task: str, limit: int | None = None) -> int:
@@ -76,20 +131,28 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     os.makedirs(out, exist_ok=True)
     model, tok = load(name, dtype=torch.float32)
     profile, record = _profile(model, tok, name, args, out)
-    record["heads"] = {str(k): v for k, v in profile.heads.items()}
+    check_saved_profile(out, record)
+    configs = {"unpatched": None, "act default heads": {"method": "act"}, "act profile": profile}
+    added, record["added"] = added_profiles(args.add_profile or [])
+    configs.update(added)
     with open(os.path.join(out, "profile.json"), "w") as f:  # what `--summarize` reports without loading it
         json.dump(record, f, indent=1)
-    configs = {"unpatched": None, "act default heads": {"method": "act"}, "act profile": profile}
     if args.configs:  # a share of the work: scored into the checkpoint, where the run with every config finds it
+        if unknown := set(args.configs) - set(configs):
+            raise SystemExit(f"--configs: no configuration {sorted(unknown)}; this run has {list(configs)}")
         configs = {name: configs[name] for name in args.configs}
     done = {}
     for task in args.tasks:
         saved = saved_task(out, task)  # done by an earlier run into this folder (a slice has a folder of its own)
-        if saved is not None:
+        if saved is not None and set(configs) <= set(saved["configs"]):
             done[task] = saved
             continue
+        items = load_task(task, limit=args.limit)
+        if saved is not None:  # an earlier run's report lacking a configuration of this one: score only that
+            taken = seed_checkpoint(saved, task, items, configs, os.path.join(out, "checkpoint"))
+            print(f"{name} {task}: {taken} taken from the saved report", flush=True)
         report = evaluate(
-            model, tok, [task], configs=configs, limit=args.limit, batch_size=args.batch_size, keep_items=True,
+            model, tok, {task: items}, configs=configs, limit=args.limit, batch_size=args.batch_size, keep_items=True,
             model_name=name, progress=args.progress, checkpoint=os.path.join(out, "checkpoint"),
         )  # fmt: skip
         if args.configs:
@@ -124,12 +187,7 @@ def saved_run(name: str, out: str, tasks: list[str]) -> dict | None:
     done = {task: saved for task in tasks if (saved := saved_task(out, task)) is not None}
     if not done:
         return None
-    record_path = os.path.join(out, "profile.json")
-    record = {}
-    if os.path.isfile(record_path):
-        with open(record_path) as f:
-            record = json.load(f)
-    return {"tasks": done, "profile": record, "tokens": {}}
+    return {"tasks": done, "profile": _saved_record(out), "tokens": {}}
 
 
 def corrected(runs: dict) -> list[dict]:
@@ -228,12 +286,13 @@ def markdown(summary: dict) -> str:
             "per token than long ones, so a slice of the long tasks, e.g. boolq or hellaswag, estimates better)."
         )
     for model, record in summary["profiles"].items():
-        if record.get("seconds"):
-            minutes, items = record["seconds"] / 60, record["calibration_items"]
-            lines.append(
-                f"\nProfile for {model}: calibrated in {minutes:.1f} min on {items} calibration items of "
-                f"{record['calibration_tasks']}; heads {record['heads']}."
-            )
+        for config, profile in {"act profile": record, **record.get("added", {})}.items():
+            if profile.get("seconds"):
+                minutes, items = profile["seconds"] / 60, profile["calibration_items"]
+                lines.append(
+                    f"\n{config} for {model}: calibrated in {minutes:.1f} min on {items} calibration items of "
+                    f"{profile['calibration_tasks']}; heads {profile['heads']} ({profile['path']})."
+                )
     return "\n".join(lines)
 
 
@@ -245,6 +304,13 @@ def main() -> None:
     parser.add_argument("--cal-limit", type=int, default=100, help="calibration items per task (default: 100)")
     parser.add_argument("--screen-layers", type=int, default=None, help="calibrate: screen layers, then heads")
     parser.add_argument("--profile", default=None, help="a profile directory instead of calibrating (one model)")
+    parser.add_argument(
+        "--add-profile",
+        nargs="+",
+        metavar="DIR",
+        help='more profiles, each scored as the configuration "act profile, <n> items" (one model); the tasks saved '
+        "under --out keep their scores and gain this configuration",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", default=RESULTS, help=f"output folder (default: {RESULTS})")
@@ -252,7 +318,6 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         nargs="+",
-        choices=["unpatched", "act default heads", "act profile"],
         help="score only these configurations into the checkpoint (a second process sharing a task's work); the run "
         "with all of them writes the task",
     )
@@ -260,8 +325,8 @@ def main() -> None:
         "--summarize", action="store_true", help="only rewrite the summary from the tasks saved under --out"
     )
     args = parser.parse_args()
-    if args.profile and len(args.models) > 1:
-        parser.error("--profile fits one model; give one --models")
+    if (args.profile or args.add_profile) and len(args.models) > 1:
+        parser.error("--profile and --add-profile fit one model; give one --models")
     if args.limit and args.out == RESULTS:  # a slice never overwrites (or resumes from) the whole run's files
         args.out = os.path.join(RESULTS, f"limit{args.limit}")
     torch.set_num_threads(args.threads)
