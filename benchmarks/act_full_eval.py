@@ -133,8 +133,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     profile, record = _profile(model, tok, name, args, out)
     check_saved_profile(out, record)
     configs = {"unpatched": None, "act default heads": {"method": "act"}, "act profile": profile}
-    added, record["added"] = added_profiles(args.add_profile or [])
+    added, records = added_profiles(args.add_profile or [])
     configs.update(added)
+    record["added"] = {**_saved_record(out).get("added", {}), **records}  # earlier runs' added profiles stay listed
     with open(os.path.join(out, "profile.json"), "w") as f:  # what `--summarize` reports without loading it
         json.dump(record, f, indent=1)
     if args.configs:  # a share of the work: scored into the checkpoint, where the run with every config finds it
