@@ -190,10 +190,54 @@ class Checkpoint:
         return True
 
     def save(self, logprobs: list[list[float]], seconds: float) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": self._key(), "logprobs": logprobs, "seconds": seconds}), encoding="utf-8")
-        tmp.replace(self.path)
+        _write(self.path, {"key": self._key(), "logprobs": logprobs, "seconds": seconds})
+        self.partial_path.unlink(missing_ok=True)
+
+    @property
+    def partial_path(self) -> Path:
+        """Where an unfinished pass keeps the batches it has scored (`<config>.partial.json`)."""
+        return self.path.with_name(self.path.stem + ".partial.json")
+
+    def load_partial(self, batch_size: int) -> tuple[list[list[float]], float]:
+        """The values of the batches an interrupted pass scored and its seconds, if it scored the same items in the
+        same batches under the same configuration; else nothing."""
+        if not self.partial_path.is_file():
+            return [], 0.0
+        data = json.loads(self.partial_path.read_text(encoding="utf-8"))
+        if data.get("key") != {**self._key(), "batch_size": batch_size}:
+            return [], 0.0
+        return data["batches"], data["seconds"]
+
+    def save_partial(self, batches: list[list[float]], seconds: float, batch_size: int) -> None:
+        key = {**self._key(), "batch_size": batch_size}
+        _write(self.partial_path, {"key": key, "batches": batches, "seconds": seconds})
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON through a temporary file, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    tmp.replace(path)
+
+
+class _Progress:
+    """Saves a pass's scored batches to its checkpoint at most every `every` seconds (`option_logprobs(on_batch=)`)."""
+
+    def __init__(self, checkpoint: Checkpoint, batch_size: int, seconds_before: float, every: float):
+        self.checkpoint, self.batch_size, self.every = checkpoint, batch_size, every
+        self.started = self.last = time.perf_counter()
+        self.seconds_before = seconds_before
+
+    @property
+    def seconds(self) -> float:
+        """Seconds of scoring, the interrupted passes' included."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def __call__(self, batches: list[list[float]]) -> None:
+        if time.perf_counter() - self.last >= self.every:
+            self.checkpoint.save_partial(batches, self.seconds, self.batch_size)
+            self.last = time.perf_counter()
 
 
 def evaluate(
@@ -212,6 +256,7 @@ def evaluate(
     model_name: str = "",
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
+    save_every: float = 60.0,
 ) -> EvalReport:
     """Score every configuration on the same items of every task (the `part` of each, see `load_task`).
 
@@ -220,7 +265,10 @@ def evaluate(
     Each configuration's log-likelihoods are computed once and every metric of `metrics` is read from them;
     `keep_items` stores them, with the item ids and labels, in `report.items`. With `checkpoint` (a folder) each
     (task, configuration)'s log-likelihoods are saved as soon as they are scored, and a rerun reuses those of the same
-    configuration on the same items, so a long evaluation stopped midway resumes where it stopped.
+    configuration on the same items, so a long evaluation stopped midway resumes where it stopped; within one
+    (task, configuration) the batches scored so far are saved every `save_every` seconds (one process only; under
+    `accelerate launch` a configuration is saved when it finishes), and a rerun with the same `batch_size` scores only
+    the batches after them, with the same results as an uninterrupted pass.
     """
     configs = dict(configs or {"unpatched": None})
     processes = Processes()
@@ -240,6 +288,10 @@ def evaluate(
             if saved is not None and saved.load():
                 logprobs[name], report.seconds[f"{task}/{name}"] = saved.logprobs, saved.seconds
             else:
+                # one process: the pass itself is saved as it goes, so an interrupted one resumes batch by batch
+                partial = saved is not None and processes.world == 1
+                done, seconds_before = saved.load_partial(batch_size) if partial else ([], 0.0)
+                progress_saver = _Progress(saved, batch_size, seconds_before, save_every) if partial else None
                 started = time.perf_counter()
                 with patch_context(model, config):
                     values = option_logprobs(
@@ -249,11 +301,14 @@ def evaluate(
                         batch_size=batch_size,
                         progress=progress and processes.main,
                         desc=f"{name} · {task}",
+                        done=done,
+                        on_batch=progress_saver,
                     )
                 logprobs[name] = [lp for _, lp in sorted(processes.gather(list(zip(mine, values, strict=True))))]
-                report.seconds[f"{task}/{name}"] = time.perf_counter() - started
+                seconds = progress_saver.seconds if progress_saver else time.perf_counter() - started
+                report.seconds[f"{task}/{name}"] = seconds
                 if saved is not None and processes.main:
-                    saved.save(logprobs[name], report.seconds[f"{task}/{name}"])
+                    saved.save(logprobs[name], seconds)
             correct[name] = {
                 m: [pick(lp, it.options, m) == it.label for lp, it in zip(logprobs[name], items, strict=True)]
                 for m in report.metrics

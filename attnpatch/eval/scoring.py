@@ -163,18 +163,35 @@ class BatchedRows:
         context: Callable[[int], contextlib.AbstractContextManager] | None = None,
         progress: bool = False,
         desc: str = "scoring",
+        done: Sequence[Sequence[float]] = (),
+        on_batch: Callable[[list[list[float]]], None] | None = None,
     ):
-        """Summed log-prob of every option of every item; batch b runs inside `context(b)` when given."""
+        """Summed log-prob of every option of every item; batch b runs inside `context(b)` when given.
+
+        `done`: the values of the first batches, as an earlier pass gave them (those batches are not run again);
+        `on_batch` is called after each batch with the values of every batch so far (to save a long pass's progress).
+        """
+        if len(done) > len(self.batches):
+            raise ValueError(f"{len(done)} batches done, but there are only {len(self.batches)}")
+        per_batch = [list(values) for values in done]
         logprobs = [[0.0] * len(item.options) for item in self.items]
         total = sum(len(batch) for batch in self.batches)
-        with torch.inference_mode(), tqdm(total=total, desc=desc, unit="seq", disable=not progress) as bar:
+        initial = sum(len(batch) for batch in self.batches[: len(done)])
+        with (
+            torch.inference_mode(),
+            tqdm(total=total, initial=initial, desc=desc, unit="seq", disable=not progress) as bar,
+        ):
             for b, batch in enumerate(self.batches):
-                with context(b) if context else contextlib.nullcontext():
-                    values = iter(self.forward(batch))
+                if b >= len(per_batch):
+                    with context(b) if context else contextlib.nullcontext():
+                        per_batch.append(self.forward(batch))
+                    bar.update(len(batch))
+                    if on_batch is not None:
+                        on_batch(per_batch)
+                values = iter(per_batch[b])
                 for row in batch:
                     for t in row.targets:
                         logprobs[t.item][t.option] = next(values)
-                bar.update(len(batch))
         return logprobs
 
 
@@ -185,13 +202,24 @@ def _score(model, tokenizer, items: Sequence[Item], batch_size: int, progress: b
 
 
 def option_logprobs(
-    model, tokenizer, items: Sequence[Item], *, batch_size: int = 16, progress: bool = True, desc: str = "scoring"
+    model,
+    tokenizer,
+    items: Sequence[Item],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "scoring",
+    done: Sequence[Sequence[float]] = (),
+    on_batch: Callable[[list[list[float]]], None] | None = None,
 ):
     """Summed log-probability of each option's tokens given the item's context: list (items) of lists (options).
 
     The model should be in eval mode; `batch_size` counts padded sequences per forward; `desc` labels the progress bar.
+    `done` and `on_batch` resume and save a long pass batch by batch (see `BatchedRows.logprobs`; the batches depend
+    on the items and `batch_size` only, so a resumed pass gives what an uninterrupted one gives).
     """
-    return _score(model, tokenizer, items, batch_size, progress, desc)[0]
+    rows = BatchedRows(model, tokenizer, items, batch_size)
+    return rows.logprobs(progress=progress, desc=desc, done=done, on_batch=on_batch)
 
 
 def choose(logprobs: Sequence[float], options: Sequence[str], n_tokens: Sequence[int], normalize: Normalize) -> int:

@@ -11,6 +11,7 @@ import pytest
 from attnpatch.cli import LM_EVAL_TASKS, UsageError, _candidates, _eval_tasks, _options, _parser, main
 from attnpatch.eval.metrics import pick
 from attnpatch.eval.runner import evaluate
+from attnpatch.eval.scoring import BatchedRows
 
 from calibration_fixtures import planted_helpful_model, planted_items, word_tokenizer
 
@@ -122,3 +123,44 @@ def test_checkpoint_resumes_with_the_same_report_and_rescores_what_changed(tmp_p
     assert len(calls) > rescored
     assert fewer.items["planted"]["logprobs"]["unpatched"] == first.items["planted"]["logprobs"]["unpatched"][:4]
     hook.remove()
+
+
+def test_an_interrupted_pass_resumes_batch_by_batch_with_the_same_scores(tmp_path):
+    model, tok, items = planted_helpful_model(), word_tokenizer(), planted_items(12)
+    configs = {"act": {"method": "act", "heads": {1: [2]}}}
+    run = dict(configs=configs, batch_size=2, keep_items=True, progress=False)
+    whole = evaluate(model, tok, {"planted": items}, **run)
+    batches = {size: len(BatchedRows(model, tok, items, size).batches) for size in (2, 3)}
+    assert batches[2] > 4
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def forward(*_):
+        calls.append(1)
+        if len(calls) == 4:  # the fourth batch never finishes
+            raise Stop
+
+    hook = model.register_forward_pre_hook(forward)
+    with pytest.raises(Stop):
+        evaluate(model, tok, {"planted": items}, **run, checkpoint=tmp_path, save_every=0.0)
+    hook.remove()
+    partial_path = tmp_path / "planted" / "act.partial.json"
+    partial = json.loads(partial_path.read_text())
+    assert len(partial["batches"]) == 3 and partial["key"]["batch_size"] == 2
+    calls.clear()
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    resumed = evaluate(model, tok, {"planted": items}, **run, checkpoint=tmp_path, save_every=0.0)
+    assert len(calls) == batches[2] - 3  # only the batches after the saved ones
+    assert resumed.items == whole.items and resumed.results == whole.results
+    assert not partial_path.exists() and (tmp_path / "planted" / "act.json").exists()
+    # another batch size makes other batches: the saved ones are not taken
+    (tmp_path / "planted" / "act.json").unlink()
+    partial_path.write_text(json.dumps(partial))
+    calls.clear()
+    other = evaluate(model, tok, {"planted": items}, **{**run, "batch_size": 3}, checkpoint=tmp_path)
+    hook.remove()
+    assert len(calls) == batches[3]
+    assert other.results == whole.results
