@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint",
         default=None,
         help="attnpatch harness: a folder (one per model) where each task and configuration's scores are saved as "
-        "they finish; a rerun with the same folder resumes",
+        "they finish (an unfinished one's batches every minute); a rerun with the same folder and batch size resumes",
     )
     _ocw_args(ev)
     cal = sub.add_parser(
