@@ -195,12 +195,6 @@ class BatchedRows:
         return logprobs
 
 
-def _score(model, tokenizer, items: Sequence[Item], batch_size: int, progress: bool, desc: str = "scoring"):
-    """(summed log-prob, token count) of every option of every item."""
-    rows = BatchedRows(model, tokenizer, items, batch_size)
-    return rows.logprobs(progress=progress, desc=desc), rows.n_tokens
-
-
 def option_logprobs(
     model,
     tokenizer,
@@ -249,5 +243,6 @@ def score_items(
     """Predicted option index of every item (see `choose` for `normalize`); `desc` labels the progress bar."""
     if normalize not in ("chars", "tokens", "none"):
         raise ValueError(f"normalize must be 'chars', 'tokens' or 'none', not {normalize!r}")
-    logprobs, n_tokens = _score(model, tokenizer, items, batch_size, progress, desc)
+    rows = BatchedRows(model, tokenizer, items, batch_size)
+    logprobs, n_tokens = rows.logprobs(progress=progress, desc=desc), rows.n_tokens
     return [choose(lp, it.options, n, normalize) for lp, n, it in zip(logprobs, n_tokens, items, strict=True)]
