@@ -271,7 +271,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             f"selected {profile.num_heads} heads in layers {sorted(profile.heads)}; calibration score "
             f"{meta['baseline']['score']:.4f} -> {(meta['calibrated'] or meta['baseline'])['score']:.4f}, accuracy "
             f"{meta['baseline']['accuracy']:.3f} -> {(meta['calibrated'] or meta['baseline'])['accuracy']:.3f}; "
-            f"{meta['seconds']['total']:.0f} s; profile in {args.out}"
+            f"{meta['seconds']['total']:.0f} s ({meta['resumed']} candidates resumed from the checkpoint, "
+            f"{meta['seconds']['compute']:.0f} s with their own); profile in {args.out}"
         )
     return 0
 

@@ -64,9 +64,33 @@ def _record(profile: Profile, path: str, calibrated_now: bool = False) -> dict:
         "calibrated_now": calibrated_now,
         "calibration_items": meta.get("items"),
         "calibration_tasks": meta.get("tasks"),
-        "seconds": (meta.get("seconds") or {}).get("total"),
+        "seconds": _compute_seconds(meta),
+        "last_run_seconds": (meta.get("seconds") or {}).get("total"),
+        "resumed": meta.get("resumed", 0),
         "heads": {str(k): v for k, v in profile.heads.items()},
     }
+
+
+def _compute_seconds(meta: dict) -> float | None:
+    """A calibration's compute: its last run's wall time plus what the candidates it resumed from a checkpoint took
+    when they ran. Profiles from before `seconds.compute` existed have it only when they resumed nothing or every
+    candidate (then the resumed part is all the candidate runs); otherwise None."""
+    seconds = meta.get("seconds") or {}
+    if "compute" in seconds or "total" not in seconds:
+        return seconds.get("compute")
+    resumed, runs = meta.get("resumed", 0), seconds.get("candidates", 0) + len(meta.get("layer_screen", []))
+    if resumed == 0:
+        return seconds["total"]
+    if resumed == runs:
+        return seconds["total"] + seconds.get("screening", 0.0) + seconds["per_candidate"] * seconds["candidates"]
+    return None
+
+
+def _calibration_time(seconds: float | None, last_run: float | None, resumed: int | None) -> str:
+    """How long a calibration took, in words: its compute over runs, or its last run's when that is all we know."""
+    if seconds:
+        return f"{seconds / 60:.1f} min" + (f" over runs ({resumed} candidates resumed)" if resumed else "")
+    return f"{last_run / 60:.1f} min in its last run ({resumed} candidates resumed, not counted)"
 
 
 def added_profiles(paths: list[str]) -> tuple[dict[str, Profile], dict[str, dict]]:
@@ -188,7 +212,17 @@ def saved_run(name: str, out: str, tasks: list[str]) -> dict | None:
     done = {task: saved for task in tasks if (saved := saved_task(out, task)) is not None}
     if not done:
         return None
-    return {"tasks": done, "profile": _saved_record(out), "tokens": {}}
+    return {"tasks": done, "profile": _refreshed(_saved_record(out)), "tokens": {}}
+
+
+def _refreshed(record: dict) -> dict:
+    """A saved profile record with its calibration read again from the profile's metadata where the profile is
+    still on disk (so that a summary follows what the metadata says, e.g. compute seconds over resumed runs)."""
+    if not record.get("path") or not os.path.isfile(os.path.join(record["path"], "attnpatch_config.json")):
+        return record
+    fresh = _record(Profile.load(record["path"]), record["path"], record.get("calibrated_now", False))
+    added = {name: _refreshed(r) for name, r in record.get("added", {}).items()}
+    return {**record, **fresh, **({"added": added} if added else {})}
 
 
 def corrected(runs: dict) -> list[dict]:
@@ -288,10 +322,11 @@ def markdown(summary: dict) -> str:
         )
     for model, record in summary["profiles"].items():
         for config, profile in {"act profile": record, **record.get("added", {})}.items():
-            if profile.get("seconds"):
-                minutes, items = profile["seconds"] / 60, profile["calibration_items"]
+            if profile.get("seconds") or profile.get("last_run_seconds"):
+                items, resumed = profile["calibration_items"], profile.get("resumed")
+                took = _calibration_time(profile["seconds"], profile.get("last_run_seconds"), resumed)
                 lines.append(
-                    f"\n{config} for {model}: calibrated in {minutes:.1f} min on {items} calibration items of "
+                    f"\n{config} for {model}: calibrated in {took} on {items} calibration items of "
                     f"{profile['calibration_tasks']}; heads {profile['heads']} ({profile['path']})."
                 )
     return "\n".join(lines)

@@ -207,7 +207,7 @@ def calibrate_act(
 
     baseline = runner.run()
     baseline_seconds = time.perf_counter() - started
-    state = dict(resumed=0, capture=0.0)
+    state = dict(resumed=0, capture=0.0, resumed_seconds=0.0)
 
     def sweep(units: dict[int, list[tuple[int, list[int]]]], desc: str) -> list[HeadResult]:
         """Score each unit (layer, key, heads) with ACT on those heads; key -1 stands for a whole layer."""
@@ -233,6 +233,7 @@ def calibrate_act(
                     else:
                         scores, seconds = Scores(record["score"], record["correct"]), record["seconds"]
                         state["resumed"] += 1
+                        state["resumed_seconds"] += seconds
                     found.append(_paired(scores, baseline, layer, key, seconds))
                     bar.update(1)
         return found
@@ -249,6 +250,7 @@ def calibrate_act(
     heads, combined = _best_combination(model, runner, baseline, chosen, options)
     if not heads:
         logger.warning("attnpatch calibrate: no head combination beat the baseline; the profile selects no head")
+    total = time.perf_counter() - started  # this run's wall time; `resumed` adds the checkpointed candidates' own
     return _profile(
         model, options, heads, baseline, results, combined, combination,
         meta=dict(
@@ -258,7 +260,8 @@ def calibrate_act(
             layer_screen=[dict(layer=r.layer, delta=r.delta, stderr=r.stderr, delta_accuracy=r.delta_accuracy)
                           for r in layer_results],
             seconds=dict(
-                total=time.perf_counter() - started, baseline=baseline_seconds, capture=capture_seconds,
+                total=total, resumed=state["resumed_seconds"], compute=total + state["resumed_seconds"],
+                baseline=baseline_seconds, capture=capture_seconds,
                 per_candidate=sum(r.seconds for r in results) / max(1, len(results)), candidates=len(results),
                 screening=sum(r.seconds for r in layer_results),
             ),

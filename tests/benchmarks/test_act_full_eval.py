@@ -52,3 +52,14 @@ def test_saved_reports_of_another_profile_are_refused(tmp_path):
         act_full_eval.check_saved_profile(str(tmp_path), {"path": "b", "heads": {"9": [1], "16": [3]}})
     (tmp_path / "piqa.json").unlink()  # nothing scored yet: any profile may start the folder
     act_full_eval.check_saved_profile(str(tmp_path), {"path": "b", "heads": {"9": [1]}})
+
+
+def test_calibration_compute_counts_the_candidates_a_run_resumed():
+    seconds = dict(total=100.0, screening=300.0, per_candidate=20.0, candidates=2)
+    screen = [{"layer": 1}, {"layer": 2}]
+    assert act_full_eval._compute_seconds({"resumed": 0, "seconds": seconds, "layer_screen": screen}) == 100.0
+    every = {"resumed": 4, "seconds": seconds, "layer_screen": screen}
+    assert act_full_eval._compute_seconds(every) == 100.0 + 300.0 + 2 * 20.0
+    assert act_full_eval._compute_seconds({"resumed": 1, "seconds": seconds, "layer_screen": screen}) is None
+    recorded = {"resumed": 1, "seconds": {**seconds, "compute": 123.0}, "layer_screen": screen}
+    assert act_full_eval._compute_seconds(recorded) == 123.0

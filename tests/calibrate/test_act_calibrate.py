@@ -124,6 +124,11 @@ def test_checkpoint_resumes(planted, tmp_path):
     assert second.metadata["resumed"] == 4 and first.metadata["resumed"] == 0
     assert second.heads == first.heads and second.metadata["candidates"] == first.metadata["candidates"]
     assert len(open(path).read().splitlines()) == 1 + 4
+    # the resumed run counts its candidates' compute as the first run measured it, beside its own wall time
+    measured = sum(json.loads(line)["seconds"] for line in lines[1:])
+    once, again = first.metadata["seconds"], second.metadata["seconds"]
+    assert once["resumed"] == 0 and once["compute"] == once["total"]
+    assert again["resumed"] == pytest.approx(measured) and again["compute"] == pytest.approx(again["total"] + measured)
 
 
 def test_unknown_calibration_method():
