@@ -13,7 +13,10 @@ done (`<out>/<model>/<task>.json`, with per-item log-likelihoods; each of its co
 run saved keeps its configurations' scores and is scored only for those it lacks (an added profile). The summary
 (`<out>/act_full_eval.json` and `.md`) covers every task saved under the output folder (this run's and earlier runs',
 every model), adds the corrections and, for a sliced run (`--limit`), the time the whole eval parts would take at the
-measured rate; `--summarize` only rewrites it (for `--models` and `--tasks`), and a `--configs` share writes none.
+measured rate; `--summarize` only rewrites it (for `--models` and `--tasks`). A `--configs` share scores its
+configurations into the checkpoint and writes no summary; one that includes `unpatched` and another configuration
+also writes its task reports with just those (an interim result: the tables show "not yet" for the others), unless
+a saved report has more, and a later run completes them.
 """
 
 from __future__ import annotations
@@ -165,7 +168,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     if args.configs:  # a share of the work: scored into the checkpoint, where the run with every config finds it
         if unknown := set(args.configs) - set(configs):
             raise SystemExit(f"--configs: no configuration {sorted(unknown)}; this run has {list(configs)}")
-        configs = {name: configs[name] for name in args.configs}
+        configs = {name: config for name, config in configs.items() if name in args.configs}  # unpatched first
     done = {}
     for task in args.tasks:
         saved = saved_task(out, task)  # done by an earlier run into this folder (a slice has a folder of its own)
@@ -180,7 +183,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
             model, tok, {task: items}, configs=configs, limit=args.limit, batch_size=args.batch_size, keep_items=True,
             model_name=name, progress=args.progress, checkpoint=os.path.join(out, "checkpoint"),
         )  # fmt: skip
-        if args.configs:
+        if args.configs and not share_reports(list(configs), saved):
             print(f"{name} {task}: {args.configs} saved under {os.path.join(out, 'checkpoint', task)}", flush=True)
             continue
         done[task] = report.to_dict()
@@ -194,6 +197,14 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
             "whole": {task: scored_tokens(tok, task) for task in TASKS},
         }
     return {"tasks": done, "profile": record, "tokens": tokens}
+
+
+def share_reports(share: list[str], saved: dict | None) -> bool:
+    """Whether a `--configs` share writes its task report (an interim one, which a later run completes): only when it
+    has the reference (unpatched) and something to compare with it, and no saved report holds a configuration it
+    lacks (that report would lose it)."""
+    has_more = saved is not None and not set(saved["configs"]) <= set(share)
+    return share[0] == "unpatched" and len(share) > 1 and not has_more
 
 
 def saved_task(out: str, task: str) -> dict | None:
@@ -286,7 +297,8 @@ def model_tables(summary: dict) -> str:
         ]
         for task, accuracy in tasks.items():
             cells = [
-                " / ".join(_effect(r) for r in rows if r["task"] == task and r["config"] == c) for c in configs
+                " / ".join(_effect(r) for r in rows if r["task"] == task and r["config"] == c) or "not yet"
+                for c in configs
             ]  # fmt: skip
             n = next(r["n"] for r in rows if r["task"] == task)
             base = " / ".join(f"{a:.3f}" for a in accuracy["unpatched"].values())
@@ -355,7 +367,7 @@ def main() -> None:
         "--configs",
         nargs="+",
         help="score only these configurations into the checkpoint (a second process sharing a task's work); the run "
-        "with all of them writes the task",
+        "with all of them writes the task (a share with unpatched and another writes an interim one)",
     )
     parser.add_argument(
         "--summarize", action="store_true", help="only rewrite the summary from the tasks saved under --out"

@@ -63,3 +63,27 @@ def test_calibration_compute_counts_the_candidates_a_run_resumed():
     assert act_full_eval._compute_seconds({"resumed": 1, "seconds": seconds, "layer_screen": screen}) is None
     recorded = {"resumed": 1, "seconds": {**seconds, "compute": 123.0}, "layer_screen": screen}
     assert act_full_eval._compute_seconds(recorded) == 123.0
+
+
+def test_a_share_writes_an_interim_report_only_with_the_reference_and_never_over_a_fuller_one():
+    share = ["unpatched", "act default heads"]
+    assert act_full_eval.share_reports(share, None)
+    assert act_full_eval.share_reports(share, {"configs": {"unpatched": None}})
+    assert not act_full_eval.share_reports(["act default heads"], None)  # nothing to compare it with
+    assert not act_full_eval.share_reports(["unpatched"], None)
+    fuller = {"configs": {"unpatched": None, "act default heads": {}, "act profile": {}}}
+    assert not act_full_eval.share_reports(share, fuller)  # writing would drop "act profile"
+
+
+def test_an_interim_task_shows_its_missing_configurations_as_not_yet():
+    def row(task, config):
+        return dict(model="m", task=task, config=config, metric="acc", n=10, diff=0.1, diff_ci=[0.0, 0.2],
+                    p_mcnemar=0.5, survives_holm=False, survives_bh=False)  # fmt: skip
+
+    summary = {
+        "accuracy": {"m": {"done": {"unpatched": {"acc": 0.5}}, "interim": {"unpatched": {"acc": 0.4}}}},
+        "comparisons": [row("done", "a"), row("done", "b"), row("interim", "a")],
+    }
+    lines = act_full_eval.model_tables(summary).splitlines()
+    assert lines[-2].startswith("| done | 10 | 0.500 | +10.0") and "not yet" not in lines[-2]
+    assert lines[-1].startswith("| interim | 10 | 0.400 | +10.0") and lines[-1].endswith("| not yet |")
