@@ -30,7 +30,7 @@ import time
 import torch
 
 import attnpatch
-from attnpatch.eval.runner import Checkpoint, evaluate
+from attnpatch.eval.runner import Checkpoint, evaluate, write_json
 from attnpatch.eval.scoring import _build_rows
 from attnpatch.eval.stats import benjamini_hochberg, holm
 from attnpatch.eval.tasks import Item, load_task
@@ -109,15 +109,6 @@ def added_profiles(paths: list[str]) -> tuple[dict[str, Profile], dict[str, dict
     return configs, records
 
 
-def write_json(path: str, data: dict, indent: int | None = 1) -> None:
-    """Write JSON through a temporary file, so that shares started side by side (`--configs`) never read half of
-    a file another one is writing."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=indent)
-    os.replace(tmp, path)
-
-
 def _saved_record(out: str) -> dict:
     """The profile record an earlier run saved in the model folder `out` (`profile.json`), or {}."""
     path = os.path.join(out, "profile.json")
@@ -172,7 +163,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     added, records = added_profiles(args.add_profile or [])
     configs.update(added)
     record["added"] = {**_saved_record(out).get("added", {}), **records}  # earlier runs' added profiles stay listed
-    write_json(os.path.join(out, "profile.json"), record)  # what `--summarize` reports without loading it
+    write_json(os.path.join(out, "profile.json"), record, indent=1)  # what `--summarize` reports without loading it
     if args.configs:  # a share of the work: scored into the checkpoint, where the run with every config finds it
         if unknown := set(args.configs) - set(configs):
             raise SystemExit(f"--configs: no configuration {sorted(unknown)}; this run has {list(configs)}")
@@ -195,7 +186,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
             print(f"{name} {task}: {args.configs} saved under {os.path.join(out, 'checkpoint', task)}", flush=True)
             continue
         done[task] = report.to_dict()
-        write_json(os.path.join(out, f"{task}.json"), done[task], indent=None)
+        write_json(os.path.join(out, f"{task}.json"), done[task])  # atomic: shares run side by side
         print(f"{name} {task}: {json.dumps({k: round(v, 1) for k, v in report.seconds.items()})}", flush=True)
     tokens = {}
     if args.limit:  # what the slice scored and what the whole eval parts of every default task would

@@ -190,7 +190,7 @@ class Checkpoint:
         return True
 
     def save(self, logprobs: list[list[float]], seconds: float) -> None:
-        _write(self.path, {"key": self._key(), "logprobs": logprobs, "seconds": seconds})
+        write_json(self.path, {"key": self._key(), "logprobs": logprobs, "seconds": seconds})
         self.partial_path.unlink(missing_ok=True)
 
     @property
@@ -210,14 +210,15 @@ class Checkpoint:
 
     def save_partial(self, batches: list[list[float]], seconds: float, batch_size: int) -> None:
         key = {**self._key(), "batch_size": batch_size}
-        _write(self.partial_path, {"key": key, "batches": batches, "seconds": seconds})
+        write_json(self.partial_path, {"key": key, "batches": batches, "seconds": seconds})
 
 
-def _write(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file, so a reader never sees half of it."""
+def write_json(path: str | Path, data: dict[str, Any], indent: int | None = None) -> None:
+    """Write JSON through a temporary file, so a reader (another process too) never sees half of it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=indent), encoding="utf-8")
     tmp.replace(path)
 
 
